@@ -1,0 +1,1 @@
+"""The gold-reward testbed: task families, gold rewards, prompts and simulated labelers."""
