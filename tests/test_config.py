@@ -1,0 +1,122 @@
+"""Typed configs: YAML + dotted overrides, unknown keys and wrong types rejected by name."""
+
+import dataclasses
+from typing import Literal, Optional
+
+import pytest
+import yaml
+
+from stable_rlhf.config import ConfigError, GenerationConfig, ModelConfig, field_help, load_config, parse_override, save_config
+
+
+@dataclasses.dataclass
+class Inner:
+    lr: float = 1e-5
+    """learning rate"""
+    steps: int = 10
+    """number of steps"""
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = "run"
+    """run name"""
+    mode: Literal["a", "b"] = "a"
+    """mode"""
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["x"])
+    """task names"""
+    seed: Optional[int] = None
+    """seed"""
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if self.inner.steps < 1:
+            raise ValueError("inner.steps must be >= 1")
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "name: exp\ninner:\n  lr: 3\nmodel:\n  name_or_path: tiny-random\n")
+    cfg = load_config(Outer, p, ["inner.steps=5", "tasks=[a, b]", "seed=3", "mode=b"])
+    assert cfg.name == "exp" and cfg.mode == "b"
+    assert cfg.inner.lr == 3.0 and isinstance(cfg.inner.lr, float)  # ints widen to float
+    assert cfg.inner.steps == 5 and cfg.tasks == ["a", "b"] and cfg.seed == 3
+    assert cfg.model.name_or_path == "tiny-random" and cfg.model.dtype == "auto"
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    p = write(tmp_path, "inner:\n  lrr: 3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: inner\.lrr: unknown key"):
+        load_config(Outer, p)
+
+
+def test_unknown_override_key_named():
+    with pytest.raises(ConfigError, match=r"override inner\.nope: unknown key"):
+        load_config(Outer, None, ["inner.nope=1"])
+    with pytest.raises(ConfigError, match=r"override modle: unknown key"):
+        load_config(Outer, None, ["modle.dtype=float32"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("inner.steps=1.5", "inner.steps"),
+        ("inner.steps=true", "inner.steps"),
+        ("inner.lr=fast", "inner.lr"),
+        ("mode=c", "mode"),
+        ("tasks=3", "tasks"),
+        ("name=[1]", "name"),
+        ("model.trust_remote_code=yes please", "model.trust_remote_code"),
+        ("model.dtype=float64", "model.dtype"),
+    ],
+)
+def test_wrong_types_named(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}: expected"):
+        load_config(Outer, None, [override])
+
+
+def test_cross_field_check_names_section():
+    with pytest.raises(ConfigError, match="inner.steps must be >= 1"):
+        load_config(Outer, None, ["inner.steps=0"])
+    with pytest.raises(ConfigError, match="model: tiny_hidden"):
+        load_config(Outer, None, ["model.tiny_hidden=30", "model.tiny_heads=4"])
+    with pytest.raises(ConfigError, match="top_p"):
+        load_config(GenerationConfig, None, ["top_p=0"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(Outer, write(tmp_path, "a: [1,\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(Outer, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_override_parsing():
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a=1e-3") == ("a", 1e-3)
+    assert parse_override("a=hello world") == ("a", "hello world")
+    assert parse_override("a=3") == ("a", 3) and parse_override("a=-2.5E+2") == ("a", -250.0)
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(Outer, None, ["inner.steps=7", "model.name_or_path=tiny-random"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(Outer, tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["inner"]["steps"] == 7
+
+
+def test_field_help_reads_docstrings():
+    rows = {name: (tp, default, doc) for name, tp, default, doc in field_help(Outer)}
+    assert rows["inner.lr"] == ("float", 1e-5, "learning rate")
+    assert "packaged SmolLM2" in rows["model.name_or_path"][2]
