@@ -10,7 +10,10 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_NO_ADVISORY_WARNINGS=1 T
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  main) exec "$venv/bin/stable-rlhf" main "$@" ;;
+  main)
+    run_dir=${RUN_DIR:-runs/main}
+    "$venv/bin/stable-rlhf" main out_dir="$run_dir" "$@"
+    exec "$venv/bin/python" -m analysis.testbed_report "$run_dir" ;;
   test) exec "$venv/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh main|test [args]" >&2; exit 2 ;;
 esac

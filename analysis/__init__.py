@@ -1,0 +1,1 @@
+"""Plots and reports drawn from run directories alone (never from inside training code)."""

@@ -1,0 +1,132 @@
+"""``stable-rlhf``: one subcommand per stage.
+
+    stable-rlhf <stage> [--config FILE.yaml] [key=value ...]
+    stable-rlhf <stage> --help        # every config field with its type, default and help
+
+Stage modules are imported lazily (torch is slow to import) from the registry below:
+name -> (module, config class, run function, one-line description).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+from .config import ConfigError, field_help, load_config
+
+STAGES: dict[str, tuple[str, str, str, str]] = {
+    "make-prompts": (
+        "stable_rlhf.testbed.build",
+        "MakePromptsConfig",
+        "make_prompts",
+        "write the testbed prompt splits (train / eval / forget_pool) from a seed",
+    ),
+    "build-data": (
+        "stable_rlhf.testbed.build",
+        "BuildDataConfig",
+        "build_data",
+        "sample K responses per prompt from a policy, score them with the gold reward, simulate labels",
+    ),
+    "evaluate": (
+        "stable_rlhf.testbed.evaluate",
+        "EvaluateConfig",
+        "evaluate",
+        "per-task gold reward, response length and style leakage of a policy",
+    ),
+    "main": (
+        "stable_rlhf.testbed.build",
+        "BuildDataConfig",
+        "main",
+        "the default experiment: build the testbed with SmolLM2 and write the SFT policy's per-task table",
+    ),
+}
+
+
+def _resolve(stage: str) -> tuple[type, Callable]:
+    module_name, cfg_name, fn_name, _ = STAGES[stage]
+    module = importlib.import_module(module_name)
+    return getattr(module, cfg_name), getattr(module, fn_name)
+
+
+def _usage() -> str:
+    lines = ["usage: stable-rlhf <stage> [--config FILE.yaml] [key=value ...]", "", "stages:"]
+    width = max(len(s) for s in STAGES)
+    for name, (*_, desc) in STAGES.items():
+        lines.append(f"  {name:<{width}}  {desc}")
+    lines.append("")
+    lines.append("`stable-rlhf <stage> --help` lists the stage's config fields.")
+    return "\n".join(lines)
+
+
+def _stage_help(stage: str, cfg_cls: type) -> str:
+    lines = [f"usage: stable-rlhf {stage} [--config FILE.yaml] [key=value ...]", "", STAGES[stage][3], ""]
+    for name, tp, default, doc in field_help(cfg_cls):
+        lines.append(f"  {name} ({tp}, default {default!r})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> tuple[str, str | None, list[str], bool]:
+    if not argv or argv[0] in ("-h", "--help"):
+        return "", None, [], True
+    stage, rest = argv[0], argv[1:]
+    config_path, overrides, want_help = None, [], False
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+        elif arg in ("-c", "--config"):
+            if i + 1 >= len(rest):
+                raise ConfigError("--config needs a file")
+            config_path = rest[i + 1]
+            i += 1
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            # `--resume` style flags are sugar for `resume=true`; `--key=value` for `key=value`.
+            body = arg[2:]
+            overrides.append(body if "=" in body else f"{body}=true")
+        else:
+            overrides.append(arg)
+        i += 1
+    return stage, config_path, overrides, want_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        stage, config_path, overrides, want_help = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not stage:
+        print(_usage())
+        return 0
+    if stage not in STAGES:
+        print(f"error: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    cfg_cls, run = _resolve(stage)
+    if want_help:
+        print(_stage_help(stage, cfg_cls))
+        return 0
+    try:
+        cfg = load_config(cfg_cls, config_path, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .data import DataError
+
+    try:
+        run(cfg)
+    except (DataError, ConfigError) as e:
+        # Bad input is reported before anything trains; no traceback for it.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""Build the testbed's data from a policy: the ``make-prompts``, ``build-data`` and ``main`` stages.
+
+``build_data`` is a recipe of numbered steps:
+
+1. prompt splits (train / eval / forget_pool) from the seeded generator, disjoint by text;
+2. K samples from the SFT policy per preference prompt (train subset and eval subset);
+3. gold reward for every sample; simulated labelers rank each group of K;
+4. preference files (K-ranked records, gold attached) and SFT demonstrations;
+5. forgetting set: forget-pool prompts on which the SFT policy already does well;
+6. the SFT policy's per-task gold table on the eval samples.
+
+Every sampling step writes its scored samples atomically and records a key of the
+settings it depends on in ``stages.json``, so a killed build resumes at the first step
+that has not finished, and a rebuild with other settings redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import GenerationConfig, ModelConfig, save_config, to_dict
+from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from .labelers import LabelerConfig, label_groups, measured_agreement, predicted_agreement
+from .tasks import TASK_NAMES, TASKS
+
+
+@dataclasses.dataclass
+class SplitSizes:
+    """Prompts per task in each split."""
+
+    train: int = 300
+    """prompts per task for training (preference data, PPO, rehearsal selection)"""
+    eval: int = 40
+    """held-out prompts per task for evaluation"""
+    forget_pool: int = 40
+    """held-out prompts per task from which the forgetting set is selected"""
+
+    def __post_init__(self):
+        if min(self.train, self.eval, self.forget_pool) < 1:
+            raise ValueError("every split needs at least one prompt per task")
+
+
+def _default_tasks() -> list[str]:
+    return list(TASK_NAMES)
+
+
+@dataclasses.dataclass
+class MakePromptsConfig:
+    """``stable-rlhf make-prompts``: the prompt splits alone (no model needed)."""
+
+    out_dir: str = "data/testbed"
+    """directory for prompts_{train,eval,forget_pool}.jsonl"""
+    seed: int = 0
+    """generator seed: the same seed writes byte-identical files"""
+    tasks: list[str] = dataclasses.field(default_factory=_default_tasks)
+    """task families"""
+    sizes: SplitSizes = dataclasses.field(default_factory=SplitSizes)
+    """prompts per task per split"""
+
+    def __post_init__(self):
+        _check_tasks(self.tasks)
+
+
+@dataclasses.dataclass
+class BuildDataConfig:
+    """``stable-rlhf build-data`` / ``main``: testbed data and the SFT policy's gold table."""
+
+    out_dir: str = "runs/main"
+    """run directory"""
+    seed: int = 0
+    """seed for prompts, sampling and labelers"""
+    tasks: list[str] = dataclasses.field(default_factory=_default_tasks)
+    """task families"""
+    sizes: SplitSizes = dataclasses.field(default_factory=SplitSizes)
+    """prompts per task per split"""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """the SFT policy that writes the responses"""
+    generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=80))
+    """sampling settings"""
+    k: int = 4
+    """responses per prompt in a comparison"""
+    pref_train_per_task: int = 28
+    """train prompts per task that get K samples and a simulated ranking"""
+    pref_eval_per_task: int = 8
+    """eval prompts per task that get K samples (held-out comparisons and the SFT table)"""
+    forget_pool_per_task: int = 8
+    """forget-pool prompts per task sampled to find those the SFT policy already does well"""
+    forget_samples: int = 2
+    """SFT samples per forget-pool prompt"""
+    forget_min_score: float = 0.5
+    """a prompt enters the forgetting set if its mean range-normalised gold is at least this"""
+    labeler: LabelerConfig = dataclasses.field(default_factory=LabelerConfig)
+    """simulated labelers"""
+    workers: int = 2
+    """concurrent sandboxes for the code task"""
+
+    def __post_init__(self):
+        _check_tasks(self.tasks)
+        if self.k < 2:
+            raise ValueError("k must be >= 2")
+        if self.pref_train_per_task > self.sizes.train:
+            raise ValueError(f"pref_train_per_task ({self.pref_train_per_task}) > sizes.train ({self.sizes.train})")
+        if self.pref_eval_per_task > self.sizes.eval:
+            raise ValueError(f"pref_eval_per_task ({self.pref_eval_per_task}) > sizes.eval ({self.sizes.eval})")
+        if self.forget_pool_per_task > self.sizes.forget_pool:
+            raise ValueError(
+                f"forget_pool_per_task ({self.forget_pool_per_task}) > sizes.forget_pool ({self.sizes.forget_pool})"
+            )
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    if not tasks:
+        raise ValueError("tasks is empty")
+
+
+# --------------------------------------------------------------------------- make-prompts
+
+
+def write_prompt_splits(out: Path, tasks: list[str], sizes: SplitSizes, seed: int) -> dict[str, list[dict]]:
+    from .prompts import make_splits
+
+    splits = make_splits(list(tasks), dataclasses.asdict(sizes), seed)
+    for name, records in splits.items():
+        atomic_write_jsonl(out / f"prompts_{name}.jsonl", records)
+    return splits
+
+
+def make_prompts(cfg: MakePromptsConfig) -> None:
+    out = Path(cfg.out_dir)
+    splits = write_prompt_splits(out, cfg.tasks, cfg.sizes, cfg.seed)
+    for name, records in splits.items():
+        print(f"{out / f'prompts_{name}.jsonl'}: {len(records)} prompts")
+
+
+# --------------------------------------------------------------------------- build-data
+
+
+def _first_per_task(records: list[dict], n: int) -> list[dict]:
+    counts: dict[str, int] = {}
+    out = []
+    for r in records:
+        if counts.get(r["task"], 0) < n:
+            counts[r["task"]] = counts.get(r["task"], 0) + 1
+            out.append(r)
+    return out
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stages:
+    """Resumable steps: a step's output is reused when its key matches ``stages.json``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / "stages.json"
+        self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, name: str, key: str, fn: Callable[[], list[dict]]) -> list[dict]:
+        path = self.out / f"{name}.jsonl"
+        if self.done.get(name) == key and path.exists():
+            print(f"[build] {name}: reusing {path}")
+            return read_jsonl(path)
+        rows = fn()
+        atomic_write_jsonl(path, rows)
+        self.done[name] = key
+        atomic_write_json(self.path, self.done)
+        return rows
+
+
+def group_by_prompt(rows: list[dict]) -> list[list[dict]]:
+    """Scored samples grouped by prompt id, in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["id"], []).append(r)
+    return list(groups.values())
+
+
+def preference_records(
+    rows: list[dict], prompts_by_id: dict[str, dict], labeler: LabelerConfig, seed: int
+) -> tuple[list[dict], dict]:
+    """K-ranked comparison records from scored samples, ranked by simulated labelers.
+
+    Identical responses within a group are kept once (a labeler cannot rank a text
+    against itself); groups left with fewer than two distinct responses are dropped.
+    """
+    groups, dropped_dupes, dropped_groups = [], 0, 0
+    for group in group_by_prompt(rows):
+        unique: dict[str, dict] = {}
+        for r in group:
+            unique.setdefault(r["response"].strip(), r)
+        dropped_dupes += len(group) - len(unique)
+        if len(unique) < 2:
+            dropped_groups += 1
+            continue
+        groups.append(list(unique.values()))
+    golds = [[r["gold"] for r in g] for g in groups]
+    scales = [TASKS[g[0]["task"]].high - TASKS[g[0]["task"]].low for g in groups] if labeler.per_task_scale else None
+    rankings, stats = label_groups(golds, labeler, seed, scales)
+    records = []
+    for group, ranking, gold in zip(groups, rankings, golds):
+        prompt = prompts_by_id[group[0]["id"]]
+        records.append(
+            {
+                "prompt": prompt["prompt"],
+                "responses": [r["response"] for r in group],
+                "ranking": ranking,
+                "task": prompt["task"],
+                "gold": gold,
+                # The responses are samples of the SFT policy: the AM's centring term may use them.
+                "sft_samples": True,
+                "meta": {"id": prompt["id"], **prompt.get("meta", {})},
+            }
+        )
+    stats.update({"labeler/duplicate_responses_dropped": dropped_dupes, "labeler/groups_dropped": dropped_groups})
+    return records, stats
+
+
+def select_forgetting_set(rows: list[dict], min_score: float) -> list[dict]:
+    """Forget-pool prompts whose mean range-normalised SFT gold is at least ``min_score``."""
+    chosen = []
+    for group in group_by_prompt(rows):
+        spec = TASKS[group[0]["task"]]
+        norm = float(np.mean([(r["gold"] - spec.low) / (spec.high - spec.low) for r in group]))
+        if norm >= min_score:
+            chosen.append((group[0]["id"], norm))
+    return chosen
+
+
+def best_demonstrations(rows: list[dict], prompts_by_id: dict[str, dict]) -> list[dict]:
+    """The SFT policy's best sample (by gold) for each prompt, as SFT demonstrations."""
+    demos = []
+    for group in group_by_prompt(rows):
+        best = max(group, key=lambda r: r["gold"])
+        prompt = prompts_by_id[best["id"]]
+        demos.append(
+            {"prompt": prompt["prompt"], "response": best["response"], "task": prompt["task"],
+             "meta": {"id": prompt["id"], "gold": best["gold"]}}
+        )
+    return demos
+
+
+def build_data(cfg: BuildDataConfig) -> dict:
+    from ..models import load_policy, make_accelerator
+    from .evaluate import check_headroom, format_table, sample_and_score, task_table
+
+    start = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    timings: dict[str, float] = {}
+
+    # 1. Prompt splits: pure functions of (tasks, sizes, seed).
+    splits = write_prompt_splits(out, cfg.tasks, cfg.sizes, cfg.seed)
+    prompts_by_id = {r["id"]: r for recs in splits.values() for r in recs}
+    pref_train = _first_per_task(splits["train"], cfg.pref_train_per_task)
+    pref_eval = _first_per_task(splits["eval"], cfg.pref_eval_per_task)
+    forget_pool = _first_per_task(splits["forget_pool"], cfg.forget_pool_per_task)
+
+    # 2-3. Sample from the SFT policy and score with the gold reward (resumable).
+    stages = _Stages(out)
+    loaded: dict = {}
+
+    def policy():
+        if not loaded:
+            t = time.time()
+            accelerator = make_accelerator(seed=cfg.seed)
+            loaded["model"], loaded["tokenizer"] = load_policy(cfg.model, device=accelerator.device)
+            loaded["device"] = accelerator.device
+            timings["load_policy_s"] = time.time() - t
+            print(f"[build] policy {cfg.model.name_or_path} loaded in {timings['load_policy_s']:.1f}s on {accelerator.device}")
+        return loaded["model"], loaded["tokenizer"], loaded["device"]
+
+    def sampler(records: list[dict], n: int, seed: int) -> Callable[[], list[dict]]:
+        def fn():
+            model, tokenizer, device = policy()
+            return sample_and_score(model, tokenizer, records, cfg.generation, n, seed, cfg.workers, device)
+
+        return fn
+
+    model_key = to_dict(cfg.model), to_dict(cfg.generation), cfg.tasks, to_dict(cfg.sizes), cfg.seed
+
+    def run_stage(name: str, records: list[dict], n: int, seed_offset: int) -> list[dict]:
+        t = time.time()
+        key = _key(model_key, [r["id"] for r in records], n, seed_offset)
+        rows = stages.run(name, key, sampler(records, n, cfg.seed + seed_offset))
+        timings[f"{name}_s"] = time.time() - t
+        return rows
+
+    train_rows = run_stage("samples_pref_train", pref_train, cfg.k, 1)
+    eval_rows = run_stage("samples_eval", pref_eval, cfg.k, 2)
+    forget_rows = run_stage("samples_forget_pool", forget_pool, cfg.forget_samples, 3)
+
+    # 4. Simulated labels -> K-ranked preference files; best samples -> SFT demonstrations.
+    prefs_train, stats_train = preference_records(train_rows, prompts_by_id, cfg.labeler, cfg.seed + 10)
+    prefs_eval, stats_eval = preference_records(eval_rows, prompts_by_id, cfg.labeler, cfg.seed + 11)
+    atomic_write_jsonl(out / "preferences_train.jsonl", prefs_train)
+    atomic_write_jsonl(out / "preferences_eval.jsonl", prefs_eval)
+    atomic_write_jsonl(out / "sft_demos.jsonl", best_demonstrations(train_rows, prompts_by_id))
+    all_golds = [p["gold"] for p in prefs_train + prefs_eval]
+    scales = [TASKS[p["task"]].high - TASKS[p["task"]].low for p in prefs_train + prefs_eval]
+    measured, n_pairs = measured_agreement(all_golds, [p["ranking"] for p in prefs_train + prefs_eval])
+    predicted, _ = predicted_agreement(all_golds, cfg.labeler, scales if cfg.labeler.per_task_scale else None)
+    labeler_stats = {
+        "prompts": len(all_golds),
+        "pairs": n_pairs,
+        "agreement_measured": measured,
+        "agreement_predicted": predicted,
+        "train": stats_train,
+        "eval": stats_eval,
+        "config": to_dict(cfg.labeler),
+    }
+    atomic_write_json(out / "labeler_stats.json", labeler_stats)
+
+    # 5. Forgetting set: held-out prompts the SFT policy already answers well.
+    chosen = select_forgetting_set(forget_rows, cfg.forget_min_score)
+    forget = [
+        {**prompts_by_id[pid], "meta": {**prompts_by_id[pid].get("meta", {}), "sft_gold_norm": score}}
+        for pid, score in chosen
+    ]
+    atomic_write_jsonl(out / "prompts_forget.jsonl", forget)
+
+    # 6. The SFT policy's per-task table on the held-out samples.
+    table = task_table(eval_rows)
+    headroom = check_headroom(table)
+    text = format_table(table, f"SFT policy ({cfg.model.name_or_path}) gold reward on held-out prompts")
+    atomic_write_text(out / "sft_table.md", text)
+    timings["total_s"] = time.time() - start
+    summary = {
+        "policy": cfg.model.name_or_path,
+        "per_task": table,
+        "headroom_problems": headroom,
+        "labeler": {k: labeler_stats[k] for k in ("prompts", "pairs", "agreement_measured", "agreement_predicted")},
+        "counts": {
+            "preferences_train": len(prefs_train),
+            "preferences_eval": len(prefs_eval),
+            "forgetting_set": len(forget),
+            "samples": len(train_rows) + len(eval_rows) + len(forget_rows),
+        },
+        "timings": timings,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    print(text)
+    print(
+        f"[build] labelers on {labeler_stats['prompts']} prompts ({n_pairs} pairs): agreement with gold "
+        f"measured {measured:.4f}, predicted {predicted:.4f}"
+    )
+    print(f"[build] forgetting set: {len(forget)} prompts; headroom problems: {headroom or 'none'}")
+    print(f"[build] done in {timings['total_s']:.0f}s -> {out}")
+    return summary
+
+
+def main(cfg: BuildDataConfig) -> dict:
+    """The default experiment. For now: the testbed data and the SFT table (see README)."""
+    return build_data(cfg)
