@@ -51,11 +51,13 @@ def plot_gold_by_task(rows: list[dict], per_task: dict, path: Path) -> None:
 
 
 def plot_labeler_agreement(stats: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4, 3))
-    vals = [stats["agreement_predicted"], stats["agreement_measured"]]
-    ax.bar(["predicted", "measured"], vals, color=["tab:gray", "tab:green"])
-    for i, v in enumerate(vals):
-        ax.text(i, v + 0.01, f"{v:.3f}", ha="center")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    vals = [stats["agreement_predicted"], stats["agreement_measured"], stats["agreement_panel_mean"]]
+    errs = [0.0, stats["agreement_single_labeling_std"], 0.0]
+    labels = ["predicted", "these labels\n(±1σ)", f"mean of {stats['agreement_panel_draws']}\nlabelings"]
+    ax.bar(labels, vals, yerr=errs, capsize=4, color=["tab:gray", "tab:green", "tab:blue"])
+    for i, (v, e) in enumerate(zip(vals, errs)):
+        ax.text(i, v + e + 0.02, f"{v:.3f}", ha="center")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("pairwise agreement with gold order")
     ax.set_title(f"simulated labelers ({stats['prompts']} prompts, {stats['pairs']} pairs)", fontsize=9)
@@ -85,10 +87,12 @@ def build_report(run_dir: Path) -> Path:
         "",
         "## Simulated labelers",
         "",
-        f"On {labeler['prompts']} prompts ({labeler['pairs']} response pairs with distinct gold): agreement with the "
-        f"gold order measured **{labeler['agreement_measured']:.4f}**, predicted by the noise model "
-        f"**{labeler['agreement_predicted']:.4f}** (temperature {labeler['config']['temperature']}, "
-        f"flip rate {labeler['config']['flip_rate']}).",
+        f"On {labeler['prompts']} prompts ({labeler['pairs']} response pairs with distinct gold), agreement with the "
+        f"gold order predicted by the noise model (temperature {labeler['config']['temperature']}, flip rate "
+        f"{labeler['config']['flip_rate']}): **{labeler['agreement_predicted']:.4f}**. The labels in this build: "
+        f"**{labeler['agreement_measured']:.4f}**; one labeling of this many pairs varies by "
+        f"±{labeler['agreement_single_labeling_std']:.4f} (1σ). Mean of {labeler['agreement_panel_draws']} "
+        f"independent labelings of the same responses: **{labeler['agreement_panel_mean']:.4f}**.",
         "",
         "![labeler agreement](plots/labeler_agreement.png)",
         "",
@@ -100,7 +104,7 @@ def build_report(run_dir: Path) -> Path:
         f"- samples scored: {counts['samples']}",
         f"- headroom problems: {', '.join(headroom) if headroom else 'none'}",
         "",
-        "## Timings (seconds)",
+        "## Timings (seconds; a resumed build keeps the times of the steps it reused)",
         "",
         *[f"- {k}: {v:.1f}" for k, v in timings.items()],
         "",

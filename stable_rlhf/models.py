@@ -361,6 +361,18 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "left") -> "PreTrainedT
     return tokenizer
 
 
+def _from_pretrained(auto_cls, cfg: ModelConfig, dtype: torch.dtype):
+    """``auto_cls.from_pretrained`` on ``cfg``'s model (a GGUF comes from the cache; the
+    revision applies only to hub ids; remote code only when asked)."""
+    path = resolve_model_path(cfg)
+    return auto_cls.from_pretrained(
+        path,
+        revision=cfg.revision if path == cfg.name_or_path else None,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+    )
+
+
 def load_policy(
     cfg: ModelConfig, device: torch.device | str | None = None
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
@@ -373,13 +385,7 @@ def load_policy(
     else:
         from transformers import AutoModelForCausalLM
 
-        path = resolve_model_path(cfg)
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=cfg.revision if path == cfg.name_or_path else None,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-        )
+        model = _from_pretrained(AutoModelForCausalLM, cfg, dtype)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
@@ -557,13 +563,7 @@ def load_score_model(
     else:
         from transformers import AutoModel
 
-        path = resolve_model_path(cfg)
-        backbone = AutoModel.from_pretrained(
-            path,
-            revision=cfg.revision if path == cfg.name_or_path else None,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-        )
+        backbone = _from_pretrained(AutoModel, cfg, dtype)
     if getattr(backbone.config, "pad_token_id", None) is None:
         backbone.config.pad_token_id = tokenizer.pad_token_id
     model = ScoreModel(backbone.to(device), tokenizer=tokenizer)

@@ -94,7 +94,7 @@ def test_build_data_on_tiny_policy_writes_everything_and_resumes(tmp_path, capsy
     prefs = read_jsonl(out / "preferences_train.jsonl", "ranked")
     assert all(p["sft_samples"] and len(p["gold"]) == len(p["responses"]) for p in prefs)
     assert set(summary["per_task"]) == {"arithmetic", "word_limit", "code", "all"}
-    assert summary["counts"]["samples"] == 3 * (2 * 4 + 1 * 4 + 1 * 2)
+    assert summary["counts"]["samples"] == 3 * (2 * 3 + 1 * 3 + 1 * 2)
     # A second run with the same settings reuses every sampling step.
     capsys.readouterr()
     build_data(cfg)

@@ -82,3 +82,17 @@ def test_config_rejects_bad_values():
         LabelerConfig(flip_rate=1.5)
     with pytest.raises(ValueError):
         LabelerConfig(temperature=-1)
+
+
+def test_panel_mean_is_precise_and_its_spread_is_one_labelings_error():
+    from stable_rlhf.testbed.labelers import agreement_panel
+
+    rng = np.random.default_rng(2)
+    golds = [list(np.round(rng.random(3), 2)) for _ in range(200)]
+    cfg = LabelerConfig()
+    predicted, _ = predicted_agreement(golds, cfg)
+    panel = agreement_panel(golds, cfg, seed=0, draws=60)
+    print(f"panel mean {panel['mean']:.4f} (std {panel['std']:.4f}) predicted {predicted:.4f}")
+    assert abs(panel["mean"] - predicted) < 0.01
+    singles = [label_groups(golds, cfg, seed=s)[1]["labeler/agreement_measured"] for s in range(100, 160)]
+    assert np.std(singles) == pytest.approx(panel["std"], rel=0.35)

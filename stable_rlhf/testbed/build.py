@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import GenerationConfig, ModelConfig, save_config, to_dict
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .labelers import LabelerConfig, label_groups, measured_agreement, predicted_agreement
+from .labelers import LabelerConfig, agreement_panel, label_groups, measured_agreement, predicted_agreement
 from .tasks import TASK_NAMES, TASKS
 
 
@@ -70,7 +70,11 @@ class MakePromptsConfig:
 
 @dataclasses.dataclass
 class BuildDataConfig:
-    """``stable-rlhf build-data`` / ``main``: testbed data and the SFT policy's gold table."""
+    """``stable-rlhf build-data`` / ``main``: testbed data and the SFT policy's gold table.
+
+    The defaults are the quick CPU preset of the main job (about 680 SmolLM2 samples,
+    ~10 minutes on 2 cores); experiments/testbed_full.yaml is the GPU-sized preset.
+    """
 
     out_dir: str = "runs/main"
     """run directory"""
@@ -84,13 +88,13 @@ class BuildDataConfig:
     """the SFT policy that writes the responses"""
     generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=80))
     """sampling settings"""
-    k: int = 4
+    k: int = 3
     """responses per prompt in a comparison"""
-    pref_train_per_task: int = 28
+    pref_train_per_task: int = 24
     """train prompts per task that get K samples and a simulated ranking"""
-    pref_eval_per_task: int = 8
+    pref_eval_per_task: int = 10
     """eval prompts per task that get K samples (held-out comparisons and the SFT table)"""
-    forget_pool_per_task: int = 8
+    forget_pool_per_task: int = 6
     """forget-pool prompts per task sampled to find those the SFT policy already does well"""
     forget_samples: int = 2
     """SFT samples per forget-pool prompt"""
@@ -160,23 +164,27 @@ def _key(*parts) -> str:
 
 
 class _Stages:
-    """Resumable steps: a step's output is reused when its key matches ``stages.json``."""
+    """Resumable steps: a step's output is reused when its key matches ``stages.json``,
+    which also keeps the seconds the step took when it ran."""
 
     def __init__(self, out: Path):
         self.out = out
         self.path = out / "stages.json"
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def run(self, name: str, key: str, fn: Callable[[], list[dict]]) -> list[dict]:
+    def run(self, name: str, key: str, fn: Callable[[], list[dict]]) -> tuple[list[dict], float]:
+        """The step's rows and the seconds it took (when it ran, possibly in an earlier run)."""
         path = self.out / f"{name}.jsonl"
-        if self.done.get(name) == key and path.exists():
+        entry = self.done.get(name)
+        if isinstance(entry, dict) and entry.get("key") == key and path.exists():
             print(f"[build] {name}: reusing {path}")
-            return read_jsonl(path)
+            return read_jsonl(path), entry["seconds"]
+        start = time.time()
         rows = fn()
         atomic_write_jsonl(path, rows)
-        self.done[name] = key
+        self.done[name] = {"key": key, "seconds": time.time() - start}
         atomic_write_json(self.path, self.done)
-        return rows
+        return rows, self.done[name]["seconds"]
 
 
 def group_by_prompt(rows: list[dict]) -> list[list[dict]]:
@@ -292,10 +300,8 @@ def build_data(cfg: BuildDataConfig) -> dict:
     model_key = to_dict(cfg.model), to_dict(cfg.generation), cfg.tasks, to_dict(cfg.sizes), cfg.seed
 
     def run_stage(name: str, records: list[dict], n: int, seed_offset: int) -> list[dict]:
-        t = time.time()
         key = _key(model_key, [r["id"] for r in records], n, seed_offset)
-        rows = stages.run(name, key, sampler(records, n, cfg.seed + seed_offset))
-        timings[f"{name}_s"] = time.time() - t
+        rows, timings[f"{name}_s"] = stages.run(name, key, sampler(records, n, cfg.seed + seed_offset))
         return rows
 
     train_rows = run_stage("samples_pref_train", pref_train, cfg.k, 1)
@@ -310,13 +316,18 @@ def build_data(cfg: BuildDataConfig) -> dict:
     atomic_write_jsonl(out / "sft_demos.jsonl", best_demonstrations(train_rows, prompts_by_id))
     all_golds = [p["gold"] for p in prefs_train + prefs_eval]
     scales = [TASKS[p["task"]].high - TASKS[p["task"]].low for p in prefs_train + prefs_eval]
+    scales = scales if cfg.labeler.per_task_scale else None
     measured, n_pairs = measured_agreement(all_golds, [p["ranking"] for p in prefs_train + prefs_eval])
-    predicted, _ = predicted_agreement(all_golds, cfg.labeler, scales if cfg.labeler.per_task_scale else None)
+    predicted, _ = predicted_agreement(all_golds, cfg.labeler, scales)
+    panel = agreement_panel(all_golds, cfg.labeler, cfg.seed + 12, scales)
     labeler_stats = {
         "prompts": len(all_golds),
         "pairs": n_pairs,
         "agreement_measured": measured,
         "agreement_predicted": predicted,
+        "agreement_single_labeling_std": panel["std"],
+        "agreement_panel_mean": panel["mean"],
+        "agreement_panel_draws": panel["draws"],
         "train": stats_train,
         "eval": stats_eval,
         "config": to_dict(cfg.labeler),
@@ -336,12 +347,13 @@ def build_data(cfg: BuildDataConfig) -> dict:
     headroom = check_headroom(table)
     text = format_table(table, f"SFT policy ({cfg.model.name_or_path}) gold reward on held-out prompts")
     atomic_write_text(out / "sft_table.md", text)
-    timings["total_s"] = time.time() - start
+    timings["this_run_s"] = time.time() - start
+    timings["sampling_and_scoring_s"] = sum(v for k, v in timings.items() if k.startswith("samples_"))
     summary = {
         "policy": cfg.model.name_or_path,
         "per_task": table,
         "headroom_problems": headroom,
-        "labeler": {k: labeler_stats[k] for k in ("prompts", "pairs", "agreement_measured", "agreement_predicted")},
+        "labeler": {k: v for k, v in labeler_stats.items() if k.startswith(("prompts", "pairs", "agreement"))},
         "counts": {
             "preferences_train": len(prefs_train),
             "preferences_eval": len(prefs_eval),
@@ -353,11 +365,12 @@ def build_data(cfg: BuildDataConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     print(text)
     print(
-        f"[build] labelers on {labeler_stats['prompts']} prompts ({n_pairs} pairs): agreement with gold "
-        f"measured {measured:.4f}, predicted {predicted:.4f}"
+        f"[build] labelers on {labeler_stats['prompts']} prompts ({n_pairs} pairs), agreement with the gold order: "
+        f"predicted {predicted:.4f}; these labels {measured:.4f} (one labeling varies by ±{panel['std']:.4f}, 1σ); "
+        f"mean of {panel['draws']} independent labelings {panel['mean']:.4f}"
     )
     print(f"[build] forgetting set: {len(forget)} prompts; headroom problems: {headroom or 'none'}")
-    print(f"[build] done in {timings['total_s']:.0f}s -> {out}")
+    print(f"[build] done in {timings['this_run_s']:.0f}s -> {out}")
     return summary
 
 

@@ -128,3 +128,27 @@ def label_groups(
         ),
     }
     return rankings, stats
+
+
+def agreement_panel(
+    golds: Sequence[Sequence[float]],
+    cfg: LabelerConfig,
+    seed: int,
+    scales: Sequence[float] | None = None,
+    draws: int = 200,
+) -> dict:
+    """Agreement of ``draws`` independent labelings of the same groups.
+
+    One labeling of a few hundred prompts measures agreement only to ±2-3 points (1σ):
+    pairs are few, and the pairs of one ranking move together. The panel's mean checks
+    the noise model against ``predicted_agreement`` to a fraction of a point, and its
+    spread is the sampling error to expect of any single labeling.
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        rankings = [
+            sample_ranking(gold, cfg, rng, scales[k] if scales else 1.0) for k, gold in enumerate(golds)
+        ]
+        values.append(measured_agreement(golds, rankings)[0])
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "draws": draws}
