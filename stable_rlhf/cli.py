@@ -16,6 +16,18 @@ from typing import Callable
 from .config import ConfigError, field_help, load_config
 
 STAGES: dict[str, tuple[str, str, str, str]] = {
+    "train-rm": (
+        "stable_rlhf.reward_model",
+        "ScoreTrainConfig",
+        "train",
+        "train a reward model on K-ranked comparisons (ranking loss)",
+    ),
+    "train-am": (
+        "stable_rlhf.reward_model",
+        "ScoreTrainConfig",
+        "train",
+        "train an advantage model (ranking loss + centring, bound and per-task moment terms)",
+    ),
     "make-prompts": (
         "stable_rlhf.testbed.build",
         "MakePromptsConfig",
@@ -41,6 +53,10 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "the default experiment: build the testbed with SmolLM2 and write the SFT policy's per-task table",
     ),
 }
+
+
+# Overrides a stage applies before the user's (train-am is the score trainer with objective=am).
+PRESETS: dict[str, list[str]] = {"train-rm": ["objective=rm"], "train-am": ["objective=am"]}
 
 
 def _resolve(stage: str) -> tuple[type, Callable]:
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_stage_help(stage, cfg_cls))
         return 0
     try:
-        cfg = load_config(cfg_cls, config_path, overrides)
+        cfg = load_config(cfg_cls, config_path, PRESETS.get(stage, []) + overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -271,7 +271,7 @@ class ModelConfig:
     """Which causal LM to load and how."""
 
     name_or_path: str = "smollm2"
-    """'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), 'tiny-random' (a small random Llama for tests), a hub id or a local directory"""
+    """'smollm2' (the packaged SmolLM2-135M-Instruct GGUF), 'tiny-random' (a small random Llama for tests), 'minilm' (the packaged all-MiniLM-L6-v2 encoder, a small score-model backbone), a hub id or a local directory"""
     gguf_file: Optional[str] = None
     """GGUF file name inside name_or_path, for other GGUF models (dequantised once and cached)"""
     revision: Optional[str] = None

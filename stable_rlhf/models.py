@@ -177,6 +177,8 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     """
     if cfg.name_or_path == TINY_RANDOM:
         raise ValueError("'tiny-random' is built in memory and has no path; use load_policy / load_tokenizer")
+    if cfg.name_or_path == MINILM:  # the packaged encoder, e.g. a small score-model backbone
+        return str(packaged_minilm_dir())
     gguf = _gguf_source(cfg)
     if gguf is None:
         return cfg.name_or_path

@@ -1,0 +1,500 @@
+"""``stable-rlhf train-rm`` and ``train-am``: one score-model trainer, two losses.
+
+    objective=rm   L = L_rank                                     (InstructGPT)
+    objective=am   L = L_rank + λ_c·center + λ_b·bound + λ_t·task   (shared/DESIGN.md)
+
+``train(cfg)`` as numbered steps:
+
+1. read and validate the comparisons (train and held-out) before any model loads;
+2. build the score model (a scalar head on the backbone, or a saved score model);
+3. for each epoch: minibatches of comparisons, every response of a comparison encoded
+   once, the loss of the objective, one optimiser step; every term logged;
+   a held-out evaluation at the end of the epoch; a checkpoint to resume from;
+4. score statistics of the training data (global and per task), saved with the model;
+5. held-out metrics (accuracy against the gold order and the labels, ECE with its
+   reliability bins, per-task score moments) in ``summary.json``; raw held-out scores
+   in ``scores_eval.jsonl`` for the plots in ``analysis/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, save_config
+from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from .losses import (
+    batch_task_moments,
+    bound_loss,
+    centering_loss,
+    expected_calibration_error,
+    ranking_loss,
+    task_moment_loss,
+)
+from .scoring import encode, per_task_stats, score_texts
+
+
+@dataclasses.dataclass
+class AMLossConfig:
+    """Advantage-model terms (shared/DESIGN.md); each is logged on its own."""
+
+    center_coef: float = 1.0
+    """λ_c: weight of E_x[(mean_k a(x, y_k))²] over comparisons of SFT samples"""
+    center_on: Literal["sft_samples", "all", "off"] = "sft_samples"
+    """which comparisons the centring term uses: those marked sft_samples (the K responses
+    are samples of π_SFT), all of them, or none (human-written responses)"""
+    bound_coef: float = 1.0
+    """λ_b: weight of E[relu(|a| - m)²]"""
+    margin: float = 2.5
+    """m: advantages are bounded to [-m, m] (the paper's margin)"""
+    task_coef: float = 0.1
+    """λ_t: weight of Σ_t [μ_t² + (log s_t - log s*)²]"""
+    target_std: float = 0.8
+    """s*: the common per-task spread; m / s* ≈ 3 so the bound rarely binds"""
+    running_count: float = 32.0
+    """effective count of the detached running per-task moments pooled with each batch's"""
+    running_momentum: float = 0.9
+    """EMA momentum of the running per-task moments"""
+
+    def __post_init__(self):
+        if self.margin <= 0 or self.target_std <= 0:
+            raise ValueError("margin and target_std must be > 0")
+        if min(self.center_coef, self.bound_coef, self.task_coef, self.running_count) < 0:
+            raise ValueError("coefficients must be >= 0")
+        if not 0 <= self.running_momentum < 1:
+            raise ValueError("running_momentum must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class ScoreTrainConfig:
+    """``stable-rlhf train-rm`` / ``train-am``: a score model on K-ranked comparisons."""
+
+    objective: Literal["rm", "am"] = "rm"
+    """rm: ranking loss only; am: ranking loss plus the advantage-model terms"""
+    train_data: str = "data/testbed/preferences_train.jsonl"
+    """comparisons to train on (a data spec: path.jsonl, hh:path, hf:name[:split], ...)"""
+    eval_data: str = "data/testbed/preferences_eval.jsonl"
+    """held-out comparisons, evaluated every epoch"""
+    data_kind: Literal["ranked", "pair"] = "ranked"
+    """record kind of both files; pairs are K = 2 comparisons"""
+    out_dir: str = ""
+    """run directory (default: runs/<objective>)"""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """backbone: the policy's (a causal LM whose unembedding is replaced by the head) or an encoder"""
+    init_from: Optional[str] = None
+    """start from a saved score model directory instead of a new head"""
+    seed: int = 0
+    """seed for the head, the data order and dropout"""
+    epochs: int = 2
+    """passes over the training comparisons"""
+    batch_size: int = 8
+    """comparisons per optimiser step (all K responses of each)"""
+    lr: float = 2e-5
+    """peak learning rate (AdamW), linear warm-up then linear decay"""
+    head_lr: float = 1e-3
+    """learning rate of the new scalar head"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_ratio: float = 0.1
+    """fraction of steps spent warming up"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    max_length: int = 384
+    """tokens per (prompt, response); prompts are cut from the left"""
+    train_layers: Optional[int] = None
+    """train only the top N transformer layers and the head (None: all); for small budgets"""
+    eval_batch_size: int = 32
+    """responses per forward pass when scoring"""
+    n_bins: int = 10
+    """reliability-diagram bins for ECE"""
+    resume: bool = False
+    """continue from out_dir/checkpoint when it exists"""
+    am: AMLossConfig = dataclasses.field(default_factory=AMLossConfig)
+    """advantage-model terms (objective=am)"""
+
+    def __post_init__(self):
+        if not self.out_dir:
+            self.out_dir = f"runs/{self.objective}"
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ValueError("learning rates must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.train_layers is not None and self.train_layers < 0:
+            raise ValueError("train_layers must be >= 0")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_comparisons(spec: str, kind: str) -> list[dict]:
+    from .data import load_records, pair_to_ranked
+
+    records = load_records(spec, kind)
+    return [pair_to_ranked(r) for r in records] if kind == "pair" else records
+
+
+def ranks_of(ranking: list[int]) -> list[int]:
+    """Position of each response in a best-first ranking: ranks_of([2, 0, 1]) == [1, 2, 0]."""
+    ranks = [0] * len(ranking)
+    for pos, idx in enumerate(ranking):
+        ranks[idx] = pos
+    return ranks
+
+
+def collate(batch: list[dict], tokenizer, task_index: dict[str, int], max_length: int, center_on: str) -> dict:
+    """Comparisons -> one flat row per response plus the (B, Kmax) layout of the losses."""
+    K = max(len(c["responses"]) for c in batch)
+    prompts = [c["prompt"] for c in batch for _ in c["responses"]]
+    responses = [r for c in batch for r in c["responses"]]
+    enc = encode(tokenizer, prompts, responses, max_length)  # (N, T)
+    B = len(batch)
+    mask = torch.zeros(B, K, dtype=torch.bool)
+    ranks = torch.full((B, K), K, dtype=torch.long)
+    for b, c in enumerate(batch):
+        k = len(c["responses"])
+        mask[b, :k] = True
+        ranks[b, :k] = torch.tensor(ranks_of(c["ranking"]))
+    if center_on == "all":
+        centred = [True] * B
+    elif center_on == "sft_samples":
+        centred = [bool(c.get("sft_samples", False)) for c in batch]
+    else:
+        centred = [False] * B
+    return {
+        **enc,
+        "mask": mask,  # (B, K)
+        "ranks": ranks,  # (B, K)
+        "task_ids": torch.tensor([task_index[c.get("task", "default")] for c in batch for _ in c["responses"]]),
+        "centred": torch.tensor(centred),
+    }
+
+
+def to_grid(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) scores of the real responses -> (B, K) with zeros at padding."""
+    grid = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
+    return grid.masked_scatter(mask.to(flat.device), flat)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+class RunningTaskMoments:
+    """EMA of per-task score mean and variance: the prior pooled into the task term."""
+
+    def __init__(self, n_tasks: int, momentum: float, count: float):
+        self.mean = torch.zeros(n_tasks, dtype=torch.float64)
+        self.var = torch.ones(n_tasks, dtype=torch.float64)
+        self.seen = torch.zeros(n_tasks, dtype=torch.bool)
+        self.momentum, self.count = momentum, count
+
+    def prior(self) -> dict:
+        return {"prior_mean": self.mean, "prior_var": self.var, "prior_count": self.seen.double() * self.count}
+
+    def update(self, scores: torch.Tensor, task_ids: torch.Tensor) -> None:
+        n, mean, var = batch_task_moments(scores.double().cpu(), task_ids.cpu(), len(self.mean))
+        here = n > 0
+        first = here & ~self.seen
+        m = self.momentum
+        self.mean = torch.where(first, mean, torch.where(here, m * self.mean + (1 - m) * mean, self.mean))
+        self.var = torch.where(first, var, torch.where(here, m * self.var + (1 - m) * var, self.var))
+        self.seen |= here
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.seen = state["mean"], state["var"], state["seen"]
+
+
+def score_loss(cfg: ScoreTrainConfig, flat: torch.Tensor, batch: dict, running: RunningTaskMoments | None):
+    """The objective's loss on one minibatch and every term's statistics."""
+    scores = to_grid(flat, batch["mask"])  # (B, K)
+    mask = batch["mask"].to(flat.device)
+    loss, stats = ranking_loss(scores, batch["ranks"].to(flat.device), mask)
+    if cfg.objective == "am":
+        am = cfg.am
+        center, s_c = centering_loss(scores, mask, batch["centred"].to(flat.device))
+        bound, s_b = bound_loss(scores, mask, am.margin)
+        prior = {k: v.to(flat.device) for k, v in running.prior().items()}
+        task, s_t = task_moment_loss(flat, batch["task_ids"].to(flat.device), len(running.mean), am.target_std, **prior)
+        loss = loss + am.center_coef * center + am.bound_coef * bound + am.task_coef * task
+        stats.update(s_c | s_b | s_t)
+        running.update(flat.detach(), batch["task_ids"])
+    stats["loss/total"] = loss.item()
+    stats["score/mean"] = flat.mean().item()
+    stats["score/std"] = flat.std().item() if flat.numel() > 1 else 0.0
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def comparison_metrics(comparisons: list[dict], scores: list[list[float]], n_bins: int = 10,
+                       margin: float | None = None) -> dict:
+    """Held-out metrics of per-response scores, overall and per task.
+
+    accuracy: pairs ordered like the gold reward (pairs with distinct gold; falls back
+    to the labels where there is no gold); accuracy_labels: pairs ordered like the
+    labelers; ece: calibration of σ(s_i - s_j) against the labels.
+    """
+    def block(idx: list[int]) -> dict:
+        gold_right = gold_n = label_right = label_n = 0
+        probs, labels, flat = [], [], []
+        for c_i in idx:
+            c, s = comparisons[c_i], scores[c_i]
+            flat.extend(s)
+            ranks = ranks_of(c["ranking"])
+            for i in range(len(s)):
+                for j in range(i + 1, len(s)):
+                    label_i_wins = ranks[i] < ranks[j]
+                    label_right += (s[i] > s[j]) == label_i_wins and s[i] != s[j]
+                    label_n += 1
+                    probs.append(1 / (1 + math.exp(-(s[i] - s[j]))))
+                    labels.append(1.0 if label_i_wins else 0.0)
+                    if "gold" in c and c["gold"][i] != c["gold"][j]:
+                        gold_right += (s[i] > s[j]) == (c["gold"][i] > c["gold"][j]) and s[i] != s[j]
+                        gold_n += 1
+        ece, bins = expected_calibration_error(torch.tensor(probs), torch.tensor(labels), n_bins)
+        values = np.array(flat, dtype=np.float64)
+        out = {
+            "accuracy": gold_right / gold_n if gold_n else label_right / max(label_n, 1),
+            "accuracy_labels": label_right / max(label_n, 1),
+            "ece": ece,
+            "score_mean": float(values.mean()),
+            "score_std": float(values.std()),
+            "n": len(idx),
+            "pairs": label_n,
+            "gold_pairs": gold_n,
+        }
+        if margin is not None:
+            out["frac_within_margin"] = float(np.mean(np.abs(values) <= margin))
+        return out, bins
+
+    overall, bins = block(list(range(len(comparisons))))
+    tasks = sorted({c.get("task", "default") for c in comparisons})
+    per_task = {t: block([i for i, c in enumerate(comparisons) if c.get("task", "default") == t])[0] for t in tasks}
+    means = [v["score_mean"] for v in per_task.values()]
+    return {
+        **overall,
+        "margin": margin,
+        "across_task_std_of_means": float(np.std(means)) if means else 0.0,
+        "per_task": per_task,
+        "reliability": bins,
+    }
+
+
+def score_comparisons(model, tokenizer, comparisons: list[dict], batch_size: int, max_length: int) -> list[list[float]]:
+    prompts = [c["prompt"] for c in comparisons for _ in c["responses"]]
+    responses = [r for c in comparisons for r in c["responses"]]
+    flat = score_texts(model, tokenizer, prompts, responses, batch_size, max_length).tolist()
+    out, i = [], 0
+    for c in comparisons:
+        out.append(flat[i : i + len(c["responses"])])
+        i += len(c["responses"])
+    return out
+
+
+def score_rows(comparisons: list[dict], scores: list[list[float]]) -> list[dict]:
+    """One row per held-out response, for the plots."""
+    rows = []
+    for c_i, (c, s) in enumerate(zip(comparisons, scores)):
+        for r_i, value in enumerate(s):
+            rows.append({"task": c.get("task", "default"), "score": value,
+                         "gold": c["gold"][r_i] if "gold" in c else None, "comparison": c_i, "response": r_i})
+    return rows
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _freeze_lower_layers(model, train_layers: int | None) -> None:
+    if train_layers is None:
+        return
+    layers = None
+    for name in ("layers", "layer", "h", "blocks"):
+        for module in model.backbone.modules():
+            if isinstance(getattr(module, name, None), torch.nn.ModuleList):
+                layers = getattr(module, name)
+                break
+        if layers is not None:
+            break
+    if layers is None:
+        raise ValueError("train_layers: could not find the backbone's layer list")
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - train_layers :] if train_layers else []:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    # the final norm after the last layer belongs to the trained top
+    for name in ("norm", "final_layernorm", "ln_f"):
+        norm = getattr(getattr(model.backbone, "base_model", model.backbone), name, None)
+        if isinstance(norm, torch.nn.Module):
+            for p in norm.parameters():
+                p.requires_grad_(True)
+
+
+def _rng_state() -> dict:
+    """RNG states as plain types, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: ScoreTrainConfig) -> dict:
+    from transformers import get_linear_schedule_with_warmup
+
+    from .models import load_score_model, make_accelerator
+
+    start_time = time.time()
+    out = Path(cfg.out_dir)
+
+    # 1. Data first: a bad file stops the run before a model is loaded.
+    train_set = load_comparisons(cfg.train_data, cfg.data_kind)
+    eval_set = load_comparisons(cfg.eval_data, cfg.data_kind)
+    tasks = sorted({c.get("task", "default") for c in train_set + eval_set})
+    task_index = {t: i for i, t in enumerate(tasks)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    # 2. The score model.
+    _seed_everything(cfg.seed)
+    accelerator = make_accelerator(seed=cfg.seed)
+    model, tokenizer = load_score_model(cfg.model, device=accelerator.device, init_from=cfg.init_from)
+    _freeze_lower_layers(model, cfg.train_layers)
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    running = RunningTaskMoments(len(tasks), cfg.am.running_momentum, cfg.am.running_count)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"[{cfg.objective}] {len(train_set)} train / {len(eval_set)} held-out comparisons, tasks {tasks}; "
+          f"{n_trainable / 1e6:.1f}M trainable parameters, {total_steps} steps")
+
+    # Resume: the last finished epoch's model, optimiser, scheduler, running moments and RNG.
+    ckpt = out / "checkpoint"
+    first_epoch, step = 0, 0
+    if cfg.resume and (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        running.load_state_dict(state["running"])
+        _set_rng_state(state["rng"])
+        first_epoch, step = state["epoch"] + 1, state["step"]
+        print(f"[{cfg.objective}] resumed after epoch {state['epoch']} (step {step})")
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+
+    # 3. Epochs of minibatches; a held-out evaluation and a checkpoint after each.
+    unwrapped = accelerator.unwrap_model(model)
+    for epoch in range(first_epoch, cfg.epochs):
+        model.train()
+        order = list(range(len(train_set)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        for b in range(steps_per_epoch):
+            batch = collate([train_set[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]],
+                            tokenizer, task_index, cfg.max_length, cfg.am.center_on)
+            flat = model(batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device))
+            loss, stats = score_loss(cfg, flat, batch, running if cfg.objective == "am" else None)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch, **stats,
+                                                 "optim/grad_norm": float(grad_norm), "optim/lr": scheduler.get_last_lr()[0]})
+        scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
+        metrics = comparison_metrics(eval_set, scores, cfg.n_bins, cfg.am.margin if cfg.objective == "am" else None)
+        append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch, **{
+            f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}})
+        print(f"[{cfg.objective}] epoch {epoch}: loss {stats['loss/total']:.4f}  held-out accuracy "
+              f"{metrics['accuracy']:.4f} (labels {metrics['accuracy_labels']:.4f})  ECE {metrics['ece']:.4f}  "
+              f"across-task std of means {metrics['across_task_std_of_means']:.4f}")
+        with atomic_dir(ckpt) as tmp:
+            torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "running": running.state_dict(), "epoch": epoch,
+                        "step": step, "rng": _rng_state()}, tmp / "state.pt")
+
+    # 4. Training-data score statistics travel with the model (per-task normalisation).
+    train_scores = score_comparisons(unwrapped, tokenizer, train_set, cfg.eval_batch_size, cfg.max_length)
+    score_stats = per_task_stats([s for ss in train_scores for s in ss],
+                                 [c.get("task", "default") for c, ss in zip(train_set, train_scores) for _ in ss])
+    unwrapped.save_pretrained(out / "model", extra={"objective": cfg.objective, "score_stats": score_stats,
+                                                     "tasks": tasks, "margin": cfg.am.margin})
+
+    # 5. Held-out summary and raw scores.
+    scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
+    summary = summarise(cfg.objective, eval_set, scores, cfg.n_bins, cfg.am.margin)
+    summary.update({"steps": step, "seconds": time.time() - start_time, "train_score_stats": score_stats})
+    atomic_write_jsonl(out / "scores_eval.jsonl", score_rows(eval_set, scores))
+    atomic_write_json(out / "summary.json", summary)
+    print(f"[{cfg.objective}] done in {summary['seconds']:.0f}s: accuracy {summary['accuracy']:.4f}  ECE "
+          f"{summary['ece']:.4f}  within ±{cfg.am.margin:g}: {summary['frac_within_margin']:.4f} -> {out}")
+    return summary
+
+
+def summarise(objective: str, comparisons: list[dict], scores: list[list[float]], n_bins: int, margin: float) -> dict:
+    """summary.json: the output contract of a score-model run (see README)."""
+    return {"objective": objective, **comparison_metrics(comparisons, scores, n_bins, margin)}
+
+
+def per_task_normalised_run(rm_dir: str | Path, out_dir: str | Path, n_bins: int = 10) -> dict:
+    """The per-task-normalised RM: an RM run's held-out scores z-scored with its own
+    training statistics, written as a run directory of its own (objective 'rm-pertask')."""
+    import json
+
+    from .io import read_jsonl
+    from .scoring import normalise_per_task
+
+    rm_dir, out = Path(rm_dir), Path(out_dir)
+    cfg_text = (rm_dir / "config.yaml").read_text()
+    summary = json.loads((rm_dir / "summary.json").read_text())
+    from .config import yaml_load
+
+    cfg = yaml_load(cfg_text)
+    eval_set = load_comparisons(cfg["eval_data"], cfg["data_kind"])
+    rows = read_jsonl(rm_dir / "scores_eval.jsonl")
+    normed = normalise_per_task(torch.tensor([r["score"] for r in rows], dtype=torch.float64),
+                                [r["task"] for r in rows], summary["train_score_stats"]).tolist()
+    scores, i = [], 0
+    for c in eval_set:
+        scores.append(normed[i : i + len(c["responses"])])
+        i += len(c["responses"])
+    margin = summary.get("margin") or 2.5
+    result = summarise("rm-pertask", eval_set, scores, n_bins, margin)
+    result["source"] = str(rm_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out / "scores_eval.jsonl", score_rows(eval_set, scores))
+    atomic_write_json(out / "summary.json", result)
+    atomic_write_text(out / "config.yaml", cfg_text)
+    return result

@@ -1,0 +1,160 @@
+"""Score-model trainer (train-rm / train-am) on tiny models: it learns, writes its contract, resumes."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from stable_rlhf import reward_model as rmod
+from stable_rlhf.cli import main as cli_main
+from stable_rlhf.config import load_config
+from stable_rlhf.io import atomic_write_jsonl, read_jsonl
+from stable_rlhf.models import ScoreModel
+from stable_rlhf.reward_model import ScoreTrainConfig, comparison_metrics, per_task_normalised_run, ranks_of, train
+from stable_rlhf.scoring import ScoreSource, normalise_per_task, per_task_stats
+
+WORDS = "river stone cloud music garden paper window bread light storm".split()
+
+
+def synthetic(n: int, seed: int, k: int = 3) -> list[dict]:
+    """Learnable comparisons: the more times 'good' appears, the better; two tasks."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        task = "alpha" if i % 2 else "beta"
+        goods = rng.sample(range(4), k)
+        responses = [" ".join(rng.sample(WORDS, 3) + ["good"] * g + ["bad"] * (3 - g)) for g in goods]
+        ranking = sorted(range(k), key=lambda j: -goods[j])
+        out.append({"prompt": f"say something about {rng.choice(WORDS)}", "responses": responses,
+                    "ranking": ranking, "task": task, "gold": [float(g) for g in goods], "sft_samples": True})
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prefs")
+    atomic_write_jsonl(d / "train.jsonl", synthetic(48, 0))
+    atomic_write_jsonl(d / "eval.jsonl", synthetic(16, 1))
+    return d
+
+
+def cfg_for(data, out, *extra):
+    return load_config(ScoreTrainConfig, None, [
+        f"train_data={data / 'train.jsonl'}", f"eval_data={data / 'eval.jsonl'}", f"out_dir={out}",
+        "model.name_or_path=tiny-random", "model.tiny_hidden=32", "batch_size=8", "lr=3e-3", "head_lr=3e-2",
+        "warmup_ratio=0", *extra])
+
+
+def test_ranks_of():
+    assert ranks_of([2, 0, 1]) == [1, 2, 0]
+
+
+def test_comparison_metrics_hand_computed():
+    comps = [{"ranking": [0, 1], "task": "a", "gold": [1.0, 0.0], "responses": ["x", "y"]},
+             {"ranking": [1, 0], "task": "b", "gold": [0.0, 0.0], "responses": ["x", "y"]}]
+    m = comparison_metrics(comps, [[3.0, 1.0], [-1.0, 0.0]], n_bins=5, margin=2.5)
+    assert m["accuracy"] == 1.0 and m["gold_pairs"] == 1  # the tied-gold pair is left out
+    assert m["accuracy_labels"] == 1.0 and m["pairs"] == 2
+    assert m["frac_within_margin"] == pytest.approx(3 / 4)
+    assert m["per_task"]["a"]["score_mean"] == 2.0 and m["per_task"]["b"]["score_mean"] == -0.5
+    assert m["across_task_std_of_means"] == pytest.approx(1.25)
+    # calibration: σ(2) = 0.881 and σ(1) = 0.731, both right -> ECE = mean(1 - conf)
+    expected = ((1 - 1 / (1 + 2.718281828 ** -2)) + (1 - 1 / (1 + 2.718281828 ** -1))) / 2
+    assert m["ece"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_per_task_normalisation_gives_zero_mean_unit_std():
+    scores = [1.0, 3.0, 10.0, 14.0, 12.0]
+    tasks = ["a", "a", "b", "b", "b"]
+    stats = per_task_stats(scores, tasks)
+    z = normalise_per_task(torch.tensor(scores, dtype=torch.float64), tasks, stats)
+    assert z[:2].tolist() == pytest.approx([-1.0, 1.0])
+    assert z[2:].mean().item() == pytest.approx(0.0, abs=1e-12) and z[2:].std(unbiased=False).item() == pytest.approx(1.0)
+    assert normalise_per_task(torch.tensor([5.0]), ["unseen"], stats).item() == pytest.approx(
+        (5.0 - stats["global"]["mean"]) / stats["global"]["std"])
+
+
+def test_train_rm_learns_and_writes_its_contract(data, tmp_path):
+    cfg = cfg_for(data, tmp_path / "rm", "epochs=4")
+    summary = train(cfg)
+    # it learned the synthetic preference (chance is 0.5)
+    assert summary["accuracy"] > 0.85, summary["accuracy"]
+    for key in ("accuracy", "ece", "score_mean", "score_std", "per_task", "reliability"):
+        assert key in summary
+    assert set(summary["per_task"]) == {"alpha", "beta"}
+    assert {"accuracy", "ece", "score_mean", "score_std", "n"} <= set(summary["per_task"]["alpha"])
+    saved = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert saved["accuracy"] == summary["accuracy"] and (tmp_path / "rm" / "config.yaml").exists()
+    metrics = read_jsonl(tmp_path / "rm" / "metrics.jsonl")
+    assert any("eval/accuracy" in m for m in metrics) and all("loss/center" not in m for m in metrics)
+    rows = read_jsonl(tmp_path / "rm" / "scores_eval.jsonl")
+    assert len(rows) == 16 * 3 and {"task", "score", "gold"} <= set(rows[0])
+    # the checkpoint: plain transformers backbone + head; training statistics attached
+    model = ScoreModel.from_pretrained(tmp_path / "rm" / "model")
+    assert set(model.extra["score_stats"]["per_task"]) == {"alpha", "beta"} and model.extra["objective"] == "rm"
+    source = ScoreSource.load(tmp_path / "rm" / "model", normalize="per_task")
+    out = source(["say something about river"] * 2, ["river good good good", "river bad bad bad"], ["alpha"] * 2)
+    assert out.shape == (2,) and out[0] > out[1]
+
+
+def test_parameters_change_and_am_terms_are_logged(data, tmp_path):
+    from stable_rlhf.models import load_score_model
+
+    cfg = cfg_for(data, tmp_path / "am", "epochs=3", "objective=am")
+    init, _ = load_score_model(cfg.model)
+    summary = train(cfg)
+    trained = ScoreModel.from_pretrained(tmp_path / "am" / "model")
+    assert not torch.equal(init.head.weight, trained.head.weight)
+    changed = [n for (n, p), (_, q) in zip(init.backbone.named_parameters(), trained.backbone.named_parameters())
+               if not torch.equal(p, q)]
+    assert len(changed) > 10
+    metrics = [m for m in read_jsonl(tmp_path / "am" / "metrics.jsonl") if "loss/total" in m]
+    for term in ("loss/rank", "loss/center", "loss/bound", "loss/task"):
+        assert all(term in m for m in metrics), term
+    # the AM's properties on held-out data: bounded, centred per task, still ranking
+    assert summary["frac_within_margin"] >= 0.99
+    assert all(abs(t["score_mean"]) < 0.5 for t in summary["per_task"].values()), summary["per_task"]
+    assert summary["accuracy"] > 0.7
+
+
+def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
+    full = train(cfg_for(data, tmp_path / "full", "epochs=2"))
+    calls = {"n": 0}
+    real = rmod.score_comparisons
+
+    def dies_in_epoch_1(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 1's evaluation, after epoch 0's checkpoint
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rmod, "score_comparisons", dies_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(data, tmp_path / "killed", "epochs=2"))
+    monkeypatch.setattr(rmod, "score_comparisons", real)
+    resumed = train(cfg_for(data, tmp_path / "killed", "epochs=2", "resume=true"))
+    a = [r["score"] for r in read_jsonl(tmp_path / "full" / "scores_eval.jsonl")]
+    b = [r["score"] for r in read_jsonl(tmp_path / "killed" / "scores_eval.jsonl")]
+    assert a == pytest.approx(b, abs=1e-6)
+    assert resumed["accuracy"] == full["accuracy"] and resumed["steps"] == full["steps"]
+
+
+def test_per_task_normalised_run(data, tmp_path):
+    train(cfg_for(data, tmp_path / "rm", "epochs=1"))
+    result = per_task_normalised_run(tmp_path / "rm", tmp_path / "rm-pertask")
+    raw = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert result["objective"] == "rm-pertask"
+    assert result["accuracy"] == raw["accuracy"]  # a per-task affine map keeps within-prompt order
+    assert len(read_jsonl(tmp_path / "rm-pertask" / "scores_eval.jsonl")) == 48
+
+
+def test_cli_train_am_sets_objective_and_rejects_bad_data_first(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0], "task": "t"}\n')
+    code = cli_main(["train-am", f"train_data={bad}", f"eval_data={bad}", "model.name_or_path=does/not-exist",
+                     f"out_dir={tmp_path / 'x'}"])
+    assert code == 2
+    assert f"{bad}:1: field 'ranking'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert load_config(ScoreTrainConfig, None, ["objective=am"]).out_dir == "runs/am"
