@@ -58,8 +58,12 @@ class AMLossConfig:
     """λ_t: weight of Σ_t [μ_t² + (log s_t - log s*)²]"""
     target_std: float = 0.8
     """s*: the common per-task spread; m / s* ≈ 3 so the bound rarely binds"""
-    running_count: float = 32.0
-    """effective count of the detached running per-task moments pooled with each batch's"""
+    std_floor: float = 0.1
+    """floor added (as a variance) inside log s_t: a task whose few batch scores nearly
+    coincide would otherwise give the log-spread term a gradient ~1/s_t that swamps the rest"""
+    running_count: float = 8.0
+    """effective count of the detached running per-task moments pooled with each batch's;
+    small enough that the batch's own scores (~batch_size·K / tasks) carry the gradient"""
     running_momentum: float = 0.9
     """EMA momentum of the running per-task moments"""
 
@@ -225,7 +229,8 @@ def score_loss(cfg: ScoreTrainConfig, flat: torch.Tensor, batch: dict, running: 
         center, s_c = centering_loss(scores, mask, batch["centred"].to(flat.device))
         bound, s_b = bound_loss(scores, mask, am.margin)
         prior = {k: v.to(flat.device) for k, v in running.prior().items()}
-        task, s_t = task_moment_loss(flat, batch["task_ids"].to(flat.device), len(running.mean), am.target_std, **prior)
+        task, s_t = task_moment_loss(flat, batch["task_ids"].to(flat.device), len(running.mean), am.target_std,
+                                     eps=am.std_floor**2, **prior)
         loss = loss + am.center_coef * center + am.bound_coef * bound + am.task_coef * task
         stats.update(s_c | s_b | s_t)
         running.update(flat.detach(), batch["task_ids"])

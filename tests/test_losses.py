@@ -144,3 +144,15 @@ def test_ece_is_small_for_calibrated_and_large_for_overconfident_predictions():
     assert expected_calibration_error(p, labels)[0] < 0.02
     sharpened = torch.sigmoid(4 * torch.logit(p))
     assert expected_calibration_error(sharpened, labels)[0] > 0.1
+
+
+def test_std_floor_bounds_the_log_spread_gradient():
+    # Two nearly equal scores of one task: without a floor d/ds (log s)² ~ 1/s explodes.
+    def grad_norm(eps):
+        scores = t([0.5, 0.5 + 1e-4]).requires_grad_()
+        loss, _ = task_moment_loss(scores, torch.tensor([0, 0]), n_tasks=1, target_std=0.8, eps=eps)
+        loss.backward()
+        return scores.grad.norm().item()
+
+    assert grad_norm(1e-12) > 1e3
+    assert grad_norm(0.1**2) < 50
