@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -28,8 +29,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from .config import ModelConfig, save_config
-from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from .config import ModelConfig, save_config, yaml_load
+from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from .losses import (
     batch_task_moments,
     bound_loss,
@@ -38,7 +39,7 @@ from .losses import (
     ranking_loss,
     task_moment_loss,
 )
-from .scoring import encode, per_task_stats, score_texts
+from .scoring import encode, normalise_per_task, per_task_stats, score_texts
 
 
 @dataclasses.dataclass
@@ -476,16 +477,9 @@ def summarise(objective: str, comparisons: list[dict], scores: list[list[float]]
 def per_task_normalised_run(rm_dir: str | Path, out_dir: str | Path, n_bins: int = 10) -> dict:
     """The per-task-normalised RM: an RM run's held-out scores z-scored with its own
     training statistics, written as a run directory of its own (objective 'rm-pertask')."""
-    import json
-
-    from .io import read_jsonl
-    from .scoring import normalise_per_task
-
     rm_dir, out = Path(rm_dir), Path(out_dir)
     cfg_text = (rm_dir / "config.yaml").read_text()
     summary = json.loads((rm_dir / "summary.json").read_text())
-    from .config import yaml_load
-
     cfg = yaml_load(cfg_text)
     eval_set = load_comparisons(cfg["eval_data"], cfg["data_kind"])
     rows = read_jsonl(rm_dir / "scores_eval.jsonl")

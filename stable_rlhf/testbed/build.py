@@ -149,16 +149,6 @@ def make_prompts(cfg: MakePromptsConfig) -> None:
 # --------------------------------------------------------------------------- build-data
 
 
-def _first_per_task(records: list[dict], n: int) -> list[dict]:
-    counts: dict[str, int] = {}
-    out = []
-    for r in records:
-        if counts.get(r["task"], 0) < n:
-            counts[r["task"]] = counts.get(r["task"], 0) + 1
-            out.append(r)
-    return out
-
-
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -261,7 +251,7 @@ def best_demonstrations(rows: list[dict], prompts_by_id: dict[str, dict]) -> lis
 
 def build_data(cfg: BuildDataConfig) -> dict:
     from ..models import load_policy, make_accelerator
-    from .evaluate import check_headroom, format_table, sample_and_score, task_table
+    from .evaluate import check_headroom, format_table, limit_per_task, sample_and_score, task_table
 
     start = time.time()
     out = Path(cfg.out_dir)
@@ -272,9 +262,9 @@ def build_data(cfg: BuildDataConfig) -> dict:
     # 1. Prompt splits: pure functions of (tasks, sizes, seed).
     splits = write_prompt_splits(out, cfg.tasks, cfg.sizes, cfg.seed)
     prompts_by_id = {r["id"]: r for recs in splits.values() for r in recs}
-    pref_train = _first_per_task(splits["train"], cfg.pref_train_per_task)
-    pref_eval = _first_per_task(splits["eval"], cfg.pref_eval_per_task)
-    forget_pool = _first_per_task(splits["forget_pool"], cfg.forget_pool_per_task)
+    pref_train = limit_per_task(splits["train"], cfg.pref_train_per_task)
+    pref_eval = limit_per_task(splits["eval"], cfg.pref_eval_per_task)
+    forget_pool = limit_per_task(splits["forget_pool"], cfg.forget_pool_per_task)
 
     # 2-3. Sample from the SFT policy and score with the gold reward (resumable).
     stages = _Stages(out)
