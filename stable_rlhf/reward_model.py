@@ -422,6 +422,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
 
     # 3. Epochs of minibatches; a held-out evaluation and a checkpoint after each.
     unwrapped = accelerator.unwrap_model(model)
+    scores = None  # the last epoch's held-out scores are the final ones: the model is done changing
     for epoch in range(first_epoch, cfg.epochs):
         model.train()
         order = list(range(len(train_set)))
@@ -458,8 +459,9 @@ def train(cfg: ScoreTrainConfig) -> dict:
     unwrapped.save_pretrained(out / "model", extra={"objective": cfg.objective, "score_stats": score_stats,
                                                      "tasks": tasks, "margin": cfg.am.margin})
 
-    # 5. Held-out summary and raw scores.
-    scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
+    # 5. Held-out summary and raw scores (scored here only when a resumed run had no epoch left).
+    if scores is None:
+        scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
     summary = summarise(cfg.objective, eval_set, scores, cfg.n_bins, cfg.am.margin)
     summary.update({"steps": step, "seconds": time.time() - start_time, "train_score_stats": score_stats})
     atomic_write_jsonl(out / "scores_eval.jsonl", score_rows(eval_set, scores))
