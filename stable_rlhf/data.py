@@ -206,6 +206,14 @@ def _prompt_id(out: dict, fail) -> str:
     return _check_text(given, "id", fail)
 
 
+def ranks_of(ranking: list[int]) -> list[int]:
+    """Position of each response in a best-first ranking: ranks_of([2, 0, 1]) == [1, 2, 0]."""
+    ranks = [0] * len(ranking)
+    for pos, idx in enumerate(ranking):
+        ranks[idx] = pos
+    return ranks
+
+
 def pair_to_ranked(pair: dict) -> dict:
     """A preference pair as a K=2 ranked record (chosen is response 0 and ranked first)."""
     out = {k: v for k, v in pair.items() if k not in ("chosen", "rejected")}

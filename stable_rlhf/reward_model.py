@@ -39,6 +39,7 @@ from .losses import (
     ranking_loss,
     task_moment_loss,
 )
+from .data import ranks_of
 from .scoring import encode, normalise_per_task, per_task_stats, score_texts
 
 
@@ -145,14 +146,6 @@ def load_comparisons(spec: str, kind: str) -> list[dict]:
 
     records = load_records(spec, kind)
     return [pair_to_ranked(r) for r in records] if kind == "pair" else records
-
-
-def ranks_of(ranking: list[int]) -> list[int]:
-    """Position of each response in a best-first ranking: ranks_of([2, 0, 1]) == [1, 2, 0]."""
-    ranks = [0] * len(ranking)
-    for pos, idx in enumerate(ranking):
-        ranks[idx] = pos
-    return ranks
 
 
 def collate(batch: list[dict], tokenizer, task_index: dict[str, int], max_length: int, center_on: str) -> dict:

@@ -11,7 +11,8 @@ from stable_rlhf.cli import main as cli_main
 from stable_rlhf.config import load_config
 from stable_rlhf.io import atomic_write_jsonl, read_jsonl
 from stable_rlhf.models import ScoreModel
-from stable_rlhf.reward_model import ScoreTrainConfig, comparison_metrics, per_task_normalised_run, ranks_of, train
+from stable_rlhf.data import ranks_of
+from stable_rlhf.reward_model import ScoreTrainConfig, comparison_metrics, per_task_normalised_run, train
 from stable_rlhf.scoring import ScoreSource, normalise_per_task, per_task_stats
 
 WORDS = "river stone cloud music garden paper window bread light storm".split()

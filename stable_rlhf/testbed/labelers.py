@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data import ranks_of
+
 
 @dataclasses.dataclass
 class LabelerConfig:
@@ -96,7 +98,7 @@ def measured_agreement(golds: Sequence[Sequence[float]], rankings: Sequence[Sequ
     """Fraction of distinct-gold pairs that the rankings order like the gold reward."""
     agree, n = 0, 0
     for gold, ranking in zip(golds, rankings):
-        position = {idx: pos for pos, idx in enumerate(ranking)}
+        position = ranks_of(ranking)
         for i, j in _gold_pairs(gold):
             gold_says_i = gold[i] > gold[j]
             label_says_i = position[i] < position[j]
