@@ -204,7 +204,7 @@ def preference_records(
             continue
         groups.append(list(unique.values()))
     golds = [[r["gold"] for r in g] for g in groups]
-    scales = [TASKS[g[0]["task"]].high - TASKS[g[0]["task"]].low for g in groups] if labeler.per_task_scale else None
+    scales = [TASKS[g[0]["task"]].span for g in groups] if labeler.per_task_scale else None
     rankings, stats = label_groups(golds, labeler, seed, scales)
     records = []
     for group, ranking, gold in zip(groups, rankings, golds):
@@ -230,7 +230,7 @@ def select_forgetting_set(rows: list[dict], min_score: float) -> list[dict]:
     chosen = []
     for group in group_by_prompt(rows):
         spec = TASKS[group[0]["task"]]
-        norm = float(np.mean([(r["gold"] - spec.low) / (spec.high - spec.low) for r in group]))
+        norm = float(np.mean([spec.normalise(r["gold"]) for r in group]))
         if norm >= min_score:
             chosen.append((group[0]["id"], norm))
     return chosen
@@ -305,7 +305,7 @@ def build_data(cfg: BuildDataConfig) -> dict:
     atomic_write_jsonl(out / "preferences_eval.jsonl", prefs_eval)
     atomic_write_jsonl(out / "sft_demos.jsonl", best_demonstrations(train_rows, prompts_by_id))
     all_golds = [p["gold"] for p in prefs_train + prefs_eval]
-    scales = [TASKS[p["task"]].high - TASKS[p["task"]].low for p in prefs_train + prefs_eval]
+    scales = [TASKS[p["task"]].span for p in prefs_train + prefs_eval]
     scales = scales if cfg.labeler.per_task_scale else None
     measured, n_pairs = measured_agreement(all_golds, [p["ranking"] for p in prefs_train + prefs_eval])
     predicted, _ = predicted_agreement(all_golds, cfg.labeler, scales)

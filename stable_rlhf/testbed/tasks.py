@@ -36,6 +36,14 @@ class TaskSpec:
     high: float
     description: str
 
+    @property
+    def span(self) -> float:
+        return self.high - self.low
+
+    def normalise(self, reward: float) -> float:
+        """Where a reward sits in the task's range: 0 at the floor, 1 at the ceiling."""
+        return (reward - self.low) / self.span
+
 
 TASKS: dict[str, TaskSpec] = {
     t.name: t
@@ -334,7 +342,7 @@ def gold_reward_details(record: dict, response: str) -> dict:
     else:
         out = {"score": 0.0}
     out["score"] = _clip01(out["score"])
-    out["reward"] = round(spec.low + (spec.high - spec.low) * out["score"], 6)
+    out["reward"] = round(spec.low + spec.span * out["score"], 6)
     out["degenerate"] = reason
     return out
 
