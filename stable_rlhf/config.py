@@ -60,8 +60,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+def _coerce(value: Any, tp: Any, key: str, where: str, default: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float).
+
+    ``default`` is the field's default value: a section given in part (a mapping for a
+    dataclass) keeps the default's other values, not the section class's own defaults."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -74,7 +77,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, where)
+                return _coerce(value, arg, key, where, default)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
@@ -87,7 +90,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, f"{key}.", where)
+        return _build(tp, value, f"{key}.", where, default if isinstance(default, tp) else None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
@@ -118,18 +121,22 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}{key}: unsupported field type {tp!r}")
 
 
-def _build(cls: type[T], data: dict, prefix: str = "", where: str = "") -> T:
+def _build(cls: type[T], data: dict, prefix: str = "", where: str = "", base: Any = None) -> T:
+    """``cls`` from ``data``; fields not in ``data`` come from ``base`` (an instance: the
+    parent field's default, e.g. ``field(default_factory=lambda: EvalConfig(every=1))``),
+    else from ``cls``'s own defaults."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
             f"{where}{prefix}{unknown[0]}: unknown key for {cls.__name__} "
             f"(known: {', '.join(sorted(names))})"
         )
-    kwargs = {}
+    kwargs = {name: getattr(base, name) for name in names - set(data)} if base is not None else {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], prefix + name, where)
+        kwargs[name] = _coerce(value, hints[name], prefix + name, where, _field_default(fields[name], base))
     # Nested dataclasses that were not given still get their defaults; checks in
     # __post_init__ raise ValueError, which we re-raise naming the section.
     try:
@@ -138,6 +145,14 @@ def _build(cls: type[T], data: dict, prefix: str = "", where: str = "") -> T:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field, base: Any) -> Any:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 # --------------------------------------------------------------------------- overrides

@@ -120,3 +120,20 @@ def test_field_help_reads_docstrings():
     rows = {name: (tp, default, doc) for name, tp, default, doc in field_help(Outer)}
     assert rows["inner.lr"] == ("float", 1e-5, "learning rate")
     assert "packaged SmolLM2" in rows["model.name_or_path"][2]
+
+
+@dataclasses.dataclass
+class WithCustomDefault:
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(lr=0.5, steps=7))
+    gen: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=48, top_p=1.0))
+
+
+def test_partial_section_keeps_the_fields_own_default(tmp_path):
+    # Overriding one key of a section must not reset its other keys to the section class's
+    # defaults (PPO's `rehearsal.data=...` used to drop rehearsal.coef from 0.01 to 0).
+    cfg = load_config(WithCustomDefault, None, ["inner.steps=3", "gen.batch_size=4"])
+    assert (cfg.inner.lr, cfg.inner.steps) == (0.5, 3)
+    assert (cfg.gen.max_new_tokens, cfg.gen.top_p, cfg.gen.batch_size) == (48, 1.0, 4)
+    cfg = load_config(WithCustomDefault, write(tmp_path, "gen:\n  temperature: 0.3\n"))
+    assert (cfg.gen.max_new_tokens, cfg.gen.top_p, cfg.gen.temperature) == (48, 1.0, 0.3)
+    assert load_config(WithCustomDefault).inner == Inner(lr=0.5, steps=7)
