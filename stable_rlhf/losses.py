@@ -162,3 +162,237 @@ def expected_calibration_error(
         bins.append({"lo": edges[b].item(), "hi": edges[b + 1].item(), "count": count,
                      "confidence": conf_b, "accuracy": acc_b})
     return ece, bins
+
+
+# --------------------------------------------------------------------------- token-level helpers
+#
+# Shapes: B sequences, T response tokens; ``mask`` (B, T) True where a token is real.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over real tokens (all of them, or along ``dim``)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over real tokens (Bessel-corrected by default, as TRL)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            return var * 0.0
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over real tokens; padding positions come back as 0.
+
+    ``shift_mean=False`` scales without centring (used for rewards, where the sign
+    carries meaning)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) per position. (B, T, V), (B, T) -> (B, T), in float32 at least.
+
+    log_softmax in float32 even for bf16 logits: the ratio exp(new - old) of two bf16
+    log-probabilities is off by up to ~1%, enough to trip the PPO clip on its own."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical at each position. (B, T, V) -> (B, T)"""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Mean token NLL of ``labels`` under ``logits`` over real (unmasked) label tokens.
+
+    logits (B, T, V) predict labels (B, T) at the same positions (the caller shifts);
+    mask (B, T) True for the tokens that count (response tokens: the prompt is masked).
+    The one NLL of SFT, rejection sampling, PPO-ptx and selective rehearsal."""
+    token_nll = -logprobs_from_logits(logits, labels)  # (B, T)
+    loss = masked_mean(token_nll, mask)
+    return loss, {"loss/nll": loss.item(), "nll/tokens": int(mask.sum())}
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π || π_ref) from samples of π (Schulman's k1/k2/k3).
+
+    k1 = log π - log π_ref (unbiased, can be negative; InstructGPT's penalty),
+    k2 = ½ (log π - log π_ref)², k3 = (r - 1) - log r with r = π_ref / π (unbiased, ≥ 0)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+def kl_penalised_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+    kl_coef: float, estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards r_t = -β·KL_t, plus the sequence score at its last real token.
+
+    scores (B,), logprobs/ref_logprobs/mask (B, T). Returns (rewards (B, T), kl (B, T)),
+    both 0 at padding. (InstructGPT's objective, as lm-human-preferences and TRL do it.)"""
+    kl = kl_per_token(logprobs, ref_logprobs, estimator) * mask
+    rewards = -kl_coef * kl
+    last = mask.long().sum(-1).clamp(min=1) - 1  # (B,) responses are right-padded
+    rewards = rewards.clone()
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over right-padded responses.
+
+    rewards, values, mask (B, T). The value after the last real token is 0 (the episode
+    ends there), so padding never leaks into an advantage. Returns (advantages, returns),
+    with returns = advantages + values, both 0 at padding.
+        δ_t = r_t + γ·V_{t+1} - V_t,   A_t = δ_t + γλ·A_{t+1}
+    """
+    maskf = mask.to(values.dtype)
+    values = values * maskf
+    rewards = rewards * maskf
+    T = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        # at padding positions delta is 0 and the running sum resets: A_t = 0 there
+        last_gae = (delta + gamma * lam * last_gae) * maskf[:, t]
+        advantages[:, t] = last_gae
+    returns = (advantages + values) * maskf
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, token-level mean over real tokens.
+
+        ratio = exp(log π - log π_old);  L = E[max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε))]"""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+        clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
+        real = ratio[mask.bool()]
+    return loss, {
+        "loss/policy": loss.item(),
+        "policy/approx_kl": approx_kl.item(),
+        "policy/clipfrac": clipfrac.item(),
+        "policy/ratio_mean": real.mean().item() if real.numel() else 1.0,
+        "policy/ratio_max": real.max().item() if real.numel() else 1.0,
+        "policy/ratio_min": real.min().item() if real.numel() else 1.0,
+    }
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: ½·E[max((V - R)², (clip(V, V_old ± ε) - R)²)] over real tokens."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((vf_loss2 > vf_loss1).float(), mask)
+    return loss, {"loss/value": loss.item(), "value/clipfrac": clipfrac.item()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over real tokens (1: perfect, 0: no better than a constant)."""
+    var_r = masked_var(returns.double(), mask, unbiased=False)
+    if var_r <= 0:
+        return float("nan")
+    return float(1.0 - masked_var((returns - values).double(), mask, unbiased=False) / var_r)
+
+
+class FixedKLController:
+    """β stays where it is set."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: move β so the measured KL tracks a target.
+
+        e = clip(KL / target - 1, -0.2, 0.2);   β ← β · (1 + e · n_steps / horizon)"""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("adaptive KL needs target > 0 and horizon > 0")
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class RunningMoments:
+    """Running mean and std of a stream of scores (Chan et al.'s parallel update),
+    for the common practice of normalising RM scores globally during PPO."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.detach().double().flatten()
+        n = xs.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = xs.mean().item(), xs.var(unbiased=False).item()
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])

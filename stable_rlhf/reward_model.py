@@ -40,6 +40,7 @@ from .losses import (
     task_moment_loss,
 )
 from .data import ranks_of
+from .rng import rng_state, seed_everything, set_rng_state
 from .scoring import encode, normalise_per_task, per_task_stats, score_texts
 
 
@@ -341,26 +342,6 @@ def _freeze_lower_layers(model, train_layers: int | None) -> None:
                 p.requires_grad_(True)
 
 
-def _rng_state() -> dict:
-    """RNG states as plain types, so checkpoints load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train(cfg: ScoreTrainConfig) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
@@ -378,7 +359,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
     save_config(cfg, out / "config.yaml")
 
     # 2. The score model.
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     accelerator = make_accelerator(seed=cfg.seed)
     model, tokenizer = load_score_model(cfg.model, device=accelerator.device, init_from=cfg.init_from)
     _freeze_lower_layers(model, cfg.train_layers)
@@ -407,7 +388,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         running.load_state_dict(state["running"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         first_epoch, step = state["epoch"] + 1, state["step"]
         print(f"[{cfg.objective}] resumed after epoch {state['epoch']} (step {step})")
     elif (out / "metrics.jsonl").exists():
@@ -443,7 +424,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
         with atomic_dir(ckpt) as tmp:
             torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "running": running.state_dict(), "epoch": epoch,
-                        "step": step, "rng": _rng_state()}, tmp / "state.pt")
+                        "step": step, "rng": rng_state()}, tmp / "state.pt")
 
     # 4. Training-data score statistics travel with the model (per-task normalisation).
     train_scores = score_comparisons(unwrapped, tokenizer, train_set, cfg.eval_batch_size, cfg.max_length)
