@@ -80,3 +80,20 @@ def minilm():
     from stable_rlhf.models import load_embedder
 
     return load_embedder("minilm", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_model_cpu():
+    """CPU settings for modules that train the tiny random model (opt in with
+    ``pytestmark = pytest.mark.usefixtures("small_model_cpu")``): oneDNN builds a kernel for
+    every new input shape (every prompt batch has one), seconds each on a busy machine, and
+    several threads spin-wait on each other when other processes hold the cores; plain
+    single-thread kernels take milliseconds at this size."""
+    import torch
+
+    enabled, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(1)
+    yield
+    torch.backends.mkldnn.enabled = enabled
+    torch.set_num_threads(threads)
