@@ -28,6 +28,24 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "train",
         "train an advantage model (ranking loss + centring, bound and per-task moment terms)",
     ),
+    "sft": (
+        "stable_rlhf.sft",
+        "SFTConfig",
+        "train",
+        "fine-tune a policy with NLL on demonstrations (prompt tokens masked)",
+    ),
+    "ppo": (
+        "stable_rlhf.ppo",
+        "PPOConfig",
+        "train",
+        "PPO against a score (gold, RM, AM, per-task-normalised RM) with a KL penalty, ptx and rehearsal",
+    ),
+    "rejection-sampling": (
+        "stable_rlhf.rejection_sampling",
+        "RejectionSamplingConfig",
+        "train",
+        "iterated best-of-n: sample n per prompt, keep the best by score, NLL fine-tune on it (Llama 2 / RAFT)",
+    ),
     "make-prompts": (
         "stable_rlhf.testbed.build",
         "MakePromptsConfig",

@@ -1,0 +1,146 @@
+"""Periodic evaluation of a policy being trained (PPO, rejection sampling).
+
+At each eval point the policy answers the held-out prompts (and the forgetting set, if
+given) with a fixed seed; every answer gets the gold reward and the proxy score. The
+SFT policy's answers to the same prompts, sampled once with the same seed and settings,
+are the reference for win/lose/tie judged by the gold reward (a tie: equal gold). The
+same seed at every eval point means the curves move with the policy, not with sampling
+luck (common random numbers).
+
+Reported per eval point (namespaced for the metrics log):
+    eval/gold_norm        mean over tasks of the range-normalised gold reward
+    eval/gold/<task>      raw gold mean per task;   eval/proxy, eval/proxy/<task>
+    eval/win, lose, tie   against the SFT policy;   eval/tokens, eval/truncated, eval/leakage
+    forget/win, ...       the same on the forgetting set (the paper's Figure 1b)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .config import GenerationConfig
+from .io import atomic_write_jsonl, read_jsonl
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation during training."""
+
+    prompts: str = "data/testbed/prompts_eval.jsonl"
+    """held-out prompt records with a gold reward"""
+    limit_per_task: Optional[int] = 10
+    """evaluate the first N prompts of each task (None: all)"""
+    forget_prompts: Optional[str] = "data/testbed/prompts_forget.jsonl"
+    """prompts the SFT policy already answers well (None: skip the forgetting set)"""
+    every: int = 10
+    """evaluate every N steps (and before the first and after the last)"""
+    seed: int = 1234
+    """sampling seed, the same at every eval point"""
+    generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
+    """sampling settings for eval answers (the SFT reference uses the same)"""
+    n_samples_logged: int = 12
+    """answers written to the sample table at each eval point"""
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError("eval.every must be >= 1")
+
+
+def win_lose_tie(gold: list[float], ref_gold: list[float]) -> dict:
+    """Fractions of prompts where the policy's gold beats, loses to or ties the reference."""
+    g, r = np.asarray(gold, dtype=np.float64), np.asarray(ref_gold, dtype=np.float64)
+    if len(g) != len(r) or not len(g):
+        raise ValueError("win/lose/tie needs two equal, non-empty lists")
+    close = np.isclose(g, r, rtol=0, atol=1e-9)
+    return {"win": float(np.mean((g > r) & ~close)), "lose": float(np.mean((g < r) & ~close)),
+            "tie": float(np.mean(close))}
+
+
+class PolicyEvaluator:
+    """Held-out (and forgetting-set) evaluation against the SFT policy's answers."""
+
+    def __init__(self, cfg: EvalConfig, out_dir: Path, proxy: Callable | None, workers: int = 2):
+        from .data import read_jsonl as read_records
+        from .testbed.evaluate import limit_per_task
+
+        self.cfg, self.out, self.proxy, self.workers = cfg, Path(out_dir), proxy, workers
+        self.sets = {"eval": limit_per_task(read_records(cfg.prompts, "prompt"), cfg.limit_per_task)}
+        if cfg.forget_prompts:
+            self.sets["forget"] = read_records(cfg.forget_prompts, "prompt")
+        self.reference: dict[str, list[dict]] = {}
+
+    def _answer(self, model, tokenizer, records: list[dict], device) -> list[dict]:
+        from .testbed.evaluate import sample_and_score
+
+        rows = sample_and_score(model, tokenizer, records, self.cfg.generation, n=1, seed=self.cfg.seed,
+                                workers=self.workers, device=device, progress=False)
+        if self.proxy is not None:
+            proxy = self.proxy(records, [r["response"] for r in rows])
+            for row, s in zip(rows, proxy.tolist()):
+                row["proxy"] = float(s)
+        return rows
+
+    def prepare_reference(self, sft_model, tokenizer, device) -> None:
+        """The SFT policy's answers, sampled once (cached in the run directory for resume;
+        ``sft_model`` None: they must be there already)."""
+        for name, records in self.sets.items():
+            path = self.out / f"eval_reference_{name}.jsonl"
+            if path.exists():
+                self.reference[name] = read_jsonl(path)
+            elif sft_model is None:
+                raise FileNotFoundError(f"{path}: the SFT reference answers of this run are missing")
+            else:
+                self.reference[name] = self._answer(sft_model, tokenizer, records, device)
+                atomic_write_jsonl(path, self.reference[name])
+
+    @torch.no_grad()
+    def run(self, model, tokenizer, step: int, device) -> dict:
+        """Evaluate; write the answers to samples/step-N.jsonl; return the namespaced stats."""
+        from .testbed.evaluate import task_table
+
+        stats: dict = {}
+        for name, records in self.sets.items():
+            rows = self._answer(model, tokenizer, records, device)
+            table = task_table(rows)
+            ref = self.reference[name]
+            wlt = win_lose_tie([r["gold"] for r in rows], [r["gold"] for r in ref])
+            stats.update({f"{name}/{k}": v for k, v in wlt.items()})
+            stats[f"{name}/gold_norm"] = table["all"]["gold_norm_mean"]
+            if name == "eval":
+                stats["eval/tokens"] = table["all"]["tokens_mean"]
+                stats["eval/truncated"] = float(np.mean([r["truncated"] for r in rows]))
+                stats["eval/leakage"] = table["all"]["leakage_rate"]
+                for task in sorted(t for t in table if t != "all"):
+                    stats[f"eval/gold/{task}"] = table[task]["gold_mean"]
+                    stats[f"eval/leakage/{task}"] = table[task]["leakage_rate"]
+                if self.proxy is not None:
+                    stats["eval/proxy"] = float(np.mean([r["proxy"] for r in rows]))
+                    for task in sorted(t for t in table if t != "all"):
+                        stats[f"eval/proxy/{task}"] = float(np.mean([r["proxy"] for r in rows if r["task"] == task]))
+            for row, r in zip(rows, ref):
+                row["sft_response"], row["sft_gold"] = r["response"], r["gold"]
+            atomic_write_jsonl(self.out / "samples" / f"{name}-step{step:06d}.jsonl", rows)
+        return stats
+
+    def sample_table(self, step: int, limit: int | None = None) -> str:
+        """A markdown table of the step's first eval answers next to the SFT policy's."""
+        rows = read_jsonl(self.out / "samples" / f"eval-step{step:06d}.jsonl")[: limit or self.cfg.n_samples_logged]
+
+        def cell(s: str) -> str:
+            return s.replace("|", "\\|").replace("\n", "<br>")[:300]
+
+        lines = ["| task | prompt | response | gold | SFT response | SFT gold |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {cell(r['prompt'])} | {cell(r['response'])} | {r['gold']:.2f} | "
+                  f"{cell(r['sft_response'])} | {r['sft_gold']:.2f} |" for r in rows]
+        return "\n".join(lines)
+
+
+def per_task_final(stats: dict) -> dict:
+    """summary.json's per_task block from an eval point's stats."""
+    tasks = sorted(k.split("/", 2)[2] for k in stats if k.startswith("eval/gold/"))
+    return {t: {"gold_reward": stats[f"eval/gold/{t}"], "proxy_score": stats.get(f"eval/proxy/{t}")} for t in tasks}

@@ -1,0 +1,93 @@
+"""Score sources for PPO and rejection sampling: ``reward(records, responses) -> (N,)``.
+
+    gold        the testbed's programmatic gold reward, range-normalised to [0, 1] per task
+                (every task weighs the same); the oracle upper bound
+    rm          a trained reward model, raw scores (PPO normalises them globally with running
+                moments, the common practice: ``RewardConfig.normalize='auto'``)
+    am          a trained advantage model: its scores are advantages, used as they are
+    rm-pertask  a reward model z-normalised per task with its training-data statistics
+
+``records`` are prompt records (``prompt``, ``task``, ``meta``), so the gold reward can
+check each response against its task's hidden answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+SOURCES = ("gold", "rm", "am", "rm-pertask")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """Which score PPO / rejection sampling optimises."""
+
+    source: Literal["gold", "rm", "am", "rm-pertask"] = "gold"
+    """gold (oracle), rm, am or rm-pertask (a per-task-normalised RM)"""
+    path: Optional[str] = None
+    """saved score model directory (rm / am / rm-pertask): a train-rm / train-am run's model/"""
+    normalize: Literal["auto", "none", "running"] = "auto"
+    """running: z-score with running global mean/std of all scores seen; auto: running for
+    rm, none for the others (an AM is already centred and scaled, gold is in [0, 1])"""
+    batch_size: int = 32
+    """responses per score-model forward pass"""
+    max_length: int = 512
+    """tokens per (prompt, response) for the score model"""
+    workers: int = 2
+    """processes for the gold reward's code sandbox"""
+
+    def __post_init__(self):
+        if self.source != "gold" and not self.path:
+            raise ValueError(f"reward.source={self.source} needs reward.path (a saved score model directory)")
+
+    @property
+    def running_normalisation(self) -> bool:
+        return self.normalize == "running" or (self.normalize == "auto" and self.source == "rm")
+
+
+class GoldReward:
+    """The testbed's gold reward, range-normalised per task to [0, 1]."""
+
+    name = "gold"
+
+    def __init__(self, workers: int = 2):
+        self.workers = workers
+
+    def __call__(self, records: list[dict], responses: list[str]) -> torch.Tensor:
+        from .testbed.tasks import TASKS, gold_rewards
+
+        raw = gold_rewards(records, responses, workers=self.workers)
+        return torch.tensor([TASKS[r["task"]].normalise(g) for r, g in zip(records, raw)], dtype=torch.float32)
+
+
+class ModelReward:
+    """A saved RM / AM (optionally per-task normalised) as a reward."""
+
+    def __init__(self, cfg: RewardConfig, device=None):
+        from .scoring import ScoreSource
+
+        self.name = cfg.source
+        normalize = "per_task" if cfg.source == "rm-pertask" else "none"
+        self.source = ScoreSource.load(cfg.path, normalize=normalize, device=device,
+                                       batch_size=cfg.batch_size, max_length=cfg.max_length)
+        trained_as = self.source.objective
+        if (cfg.source == "am") != (trained_as == "am"):
+            raise ValueError(f"reward.source={cfg.source} but {cfg.path} was trained as objective={trained_as}")
+
+    @property
+    def model(self):
+        return self.source.model
+
+    def __call__(self, records: list[dict], responses: list[str]) -> torch.Tensor:
+        scores = self.source([r["prompt"] for r in records], responses, [r.get("task", "default") for r in records])
+        return scores.float()
+
+
+def build_reward(cfg: RewardConfig, device=None):
+    """The score source a config names."""
+    if cfg.source == "gold":
+        return GoldReward(cfg.workers)
+    return ModelReward(cfg, device)

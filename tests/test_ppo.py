@@ -1,0 +1,204 @@
+"""PPO trainer on the tiny random model: it trains, writes its contract, skips and stops
+on non-finite values, resumes exactly after SIGKILL, and runs under 2 gloo processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import stable_rlhf.ppo as ppo
+from stable_rlhf.runs import latest_checkpoint
+from stable_rlhf.config import load_config
+from stable_rlhf.io import read_jsonl
+from stable_rlhf.rewards import GoldReward
+
+pytestmark = pytest.mark.usefixtures("small_model_cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTBED = ROOT / "data" / "testbed"
+
+
+def overrides(out, *extra) -> list[str]:
+    return [
+        f"out_dir={out}", "model.name_or_path=tiny-random", f"prompts={TESTBED / 'prompts_train.jsonl'}",
+        f"eval.prompts={TESTBED / 'prompts_eval.jsonl'}", f"eval.forget_prompts={TESTBED / 'prompts_forget.jsonl'}",
+        "eval.limit_per_task=1", "eval.every=2", "eval.generation.max_new_tokens=10",
+        "generation.max_new_tokens=10", "steps=4", "batch_size=8", "mini_batch_size=4", "save_every=2",
+        "lr=1e-3", "value_lr=1e-3", "log_with=none", "reward.workers=1", *extra,
+    ]
+
+
+def run(out, *extra) -> dict:
+    return ppo.train(load_config(ppo.PPOConfig, None, overrides(out, *extra)))
+
+
+def final_params(out: Path) -> dict:
+    state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
+    return {**{f"policy.{k}": v for k, v in state["policy"].items()}, **{f"value.{k}": v for k, v in state["value"].items()}}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo") / "straight"
+    summary = run(out)
+    return out, summary
+
+
+def test_ppo_trains_and_writes_its_contract(reference_run):
+    out, summary = reference_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/config.json", "samples_final.md",
+                 "eval_reference_eval.jsonl", "samples/eval-step000004.jsonl", "samples/forget-step000004.jsonl"):
+        assert (out / name).exists(), name
+    assert summary["steps"] == 4
+    assert set(summary["final"]) >= {"gold_reward", "proxy_score", "kl", "win", "lose", "tie"}
+    assert abs(summary["final"]["win"] + summary["final"]["lose"] + summary["final"]["tie"] - 1) < 1e-9
+    assert set(summary["per_task"]) == {"arithmetic", "bullets", "code", "keywords", "lowercase", "word_limit"}
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("objective/score", "objective/kl", "objective/non_score_reward", "loss/policy", "loss/value",
+                "policy/approx_kl", "policy/clipfrac", "policy/entropy", "policy/ratio_max",
+                "value/explained_variance", "time/generate"):
+        assert key in rows[0], key
+    # the first rollout comes from the reference policy itself: KL exactly 0, ratio 1 at the first minibatch
+    assert rows[0]["objective/kl"] == 0.0
+    assert rows[1]["objective/kl"] != 0.0
+    # the policy moved away from its initial weights
+    from stable_rlhf.models import load_policy
+    from stable_rlhf.config import ModelConfig
+
+    init, _ = load_policy(ModelConfig(name_or_path="tiny-random"), device="cpu")
+    trained, _ = load_policy(ModelConfig(name_or_path=str(out / "model")), device="cpu")
+    diffs = [(a - b).abs().max().item() for a, b in zip(init.parameters(), trained.parameters())]
+    assert max(diffs) > 1e-4
+
+
+def test_lora_trains_adapters_only_and_starts_at_kl_zero(tmp_path):
+    out = tmp_path / "lora"
+    run(out, "lora.enabled=true", "lora.r=4", "steps=2", "eval.every=2", "lr=1e-2")
+    state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
+    assert state["policy"] and all("lora_" in k for k in state["policy"])
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
+    assert rows[0]["objective/kl"] == 0.0  # adapters start at zero: policy == base == reference
+    assert rows[1]["objective/kl"] != 0.0  # and the reference (adapters disabled) did not move with them
+
+
+class FlakyReward:
+    """The gold reward, except NaN on the calls listed (0-based)."""
+
+    def __init__(self, bad_calls):
+        self.gold, self.bad, self.calls = GoldReward(workers=1), set(bad_calls), 0
+
+    def __call__(self, records, responses):
+        scores = self.gold(records, responses)
+        if self.calls in self.bad:
+            scores[0] = float("nan")
+        self.calls += 1
+        return scores
+
+
+def test_a_nonfinite_score_skips_the_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: FlakyReward({1}))
+    summary = run(tmp_path / "skip")
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 1
+    skipped = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if r.get("skipped")]
+    assert [(r["step"], r["skip_reason"]) for r in skipped] == [(2, "non-finite score")]
+
+
+def test_consecutive_nonfinite_steps_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "stop"
+    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: FlakyReward({2, 3, 4, 5}))
+    with pytest.raises(ppo.NonFiniteError, match="3 consecutive steps"):
+        run(out, "max_bad_steps=3", "steps=8", "save_every=100")
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step-000005"
+    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: GoldReward(workers=1))
+    summary = run(out, "max_bad_steps=3", "steps=8", "save_every=100", "resume=true")
+    assert summary["steps"] == 8
+
+
+def test_a_nonfinite_loss_skips_the_update(tmp_path, monkeypatch):
+    real, calls = ppo.policy_loss, {"n": 0}
+
+    def nan_once(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
+
+    monkeypatch.setattr(ppo, "policy_loss", nan_once)
+    run(tmp_path / "nanloss", "steps=2")
+    rows = [r for r in read_jsonl(tmp_path / "nanloss" / "metrics.jsonl") if "objective/kl" in r]
+    assert [r["skipped_updates"] for r in rows] == [0, 1]
+    state = torch.load(latest_checkpoint(tmp_path / "nanloss") / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["policy"].values())
+
+
+def cli(out, *extra, fault: str | None = None) -> subprocess.CompletedProcess:
+    """The ppo stage in a fresh process (killed, resumed and straight runs alike: the same
+    threads and kernels, so their floating-point results can be compared bit for bit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STABLE_RLHF_FAULT", None)
+    if fault:
+        env["STABLE_RLHF_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "stable_rlhf.cli", "ppo", *overrides(out, *extra)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def straight_cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo-cli") / "straight"
+    proc = cli(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("fault", ["train:3", "checkpoint:4"])
+def test_sigkilled_run_resumes_to_the_same_result(straight_cli_run, tmp_path, fault):
+    out = tmp_path / "killed"
+    proc = cli(out, fault=fault)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (out / "summary.json").exists()
+    assert latest_checkpoint(out).name == "step-000002"  # step 4's checkpoint never completed
+    proc = cli(out, "resume=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
+    straight, resumed = (json.loads((d / "summary.json").read_text()) for d in (straight_cli_run, out))
+    assert resumed["final"] == straight["final"]
+    assert resumed["per_task"] == straight["per_task"]
+    a, b = final_params(straight_cli_run), final_params(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
+    assert steps == [1, 2, 3, 4]  # lines of the lost steps were dropped, then redone once
+    assert not list((out / "checkpoints").glob(".step-*"))
+
+
+def test_two_gloo_processes_keep_identical_parameters(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found"
+    result = tmp_path / "ddp.json"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "tests" / "ddp_ppo_worker.py"),
+           str(result), *overrides(tmp_path / "ddp", "steps=2", "batch_size=4", "eval.every=100")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    seen = json.loads(result.read_text())
+    assert seen["world"] == 2
+    assert not seen["same_rollouts"], "both ranks sampled the same rollouts: the test would prove nothing"
+    assert seen["changed_from_reference"] > 1e-4
+    assert seen["max_param_diff"] == 0.0
+    assert (tmp_path / "ddp" / "summary.json").exists()
+
+
+def test_bad_prompts_are_rejected_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from stable_rlhf.cli import main
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "ok", "task": "arithmetic"}\n{"task": "arithmetic"}\n')
+    monkeypatch.setattr("stable_rlhf.models.load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["ppo", f"prompts={bad}", "model.name_or_path=tiny-random", f"out_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "prompt" in err
