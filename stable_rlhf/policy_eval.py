@@ -99,13 +99,17 @@ class PolicyEvaluator:
                 atomic_write_jsonl(path, self.reference[name])
 
     @torch.no_grad()
-    def run(self, model, tokenizer, step: int, device) -> dict:
-        """Evaluate; write the answers to samples/step-N.jsonl; return the namespaced stats."""
+    def run(self, model, tokenizer, step: int, device, is_reference: bool = False) -> dict:
+        """Evaluate; write the answers to samples/step-N.jsonl; return the namespaced stats.
+        ``is_reference``: the model is still the SFT policy (step 0), whose answers with the
+        same seed are the reference ones already sampled; they are reused, not resampled."""
+        import copy
+
         from .testbed.evaluate import task_table
 
         stats: dict = {}
         for name, records in self.sets.items():
-            rows = self._answer(model, tokenizer, records, device)
+            rows = copy.deepcopy(self.reference[name]) if is_reference else self._answer(model, tokenizer, records, device)
             table = task_table(rows)
             ref = self.reference[name]
             wlt = win_lose_tie([r["gold"] for r in rows], [r["gold"] for r in ref])

@@ -383,7 +383,7 @@ def train(cfg: PPOConfig) -> dict:
         stats = {}
         if main:
             t0 = time.time()
-            stats = evaluator.run(unwrapped_policy, tokenizer, step, device)
+            stats = evaluator.run(unwrapped_policy, tokenizer, step, device, is_reference=step == 0)
             stats["step"] = step
             stats["time/eval"] = time.time() - t0
             log({"step": step, **stats})

@@ -300,7 +300,7 @@ def train(cfg: RejectionSamplingConfig) -> dict:
         stats = {}
         if main:
             t0 = time.time()
-            stats = evaluator.run(unwrapped_policy, tokenizer, iteration, device)
+            stats = evaluator.run(unwrapped_policy, tokenizer, iteration, device, is_reference=iteration == 0)
             stats["time/eval"] = time.time() - t0
             log({"step": iteration, "iteration": iteration, **stats})
             tracker = tensorboard_writer(accelerator)

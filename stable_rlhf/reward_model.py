@@ -121,6 +121,9 @@ class ScoreTrainConfig:
     """responses per forward pass when scoring"""
     n_bins: int = 10
     """reliability-diagram bins for ECE"""
+    stratify: bool = True
+    """deal every task into every minibatch in turn (round-robin over shuffled per-task lists), so
+    the per-task moment terms see each task in each batch; False: a plain shuffle"""
     resume: bool = False
     """continue from out_dir/checkpoint when it exists"""
     am: AMLossConfig = dataclasses.field(default_factory=AMLossConfig)
@@ -316,6 +319,25 @@ def score_rows(comparisons: list[dict], scores: list[list[float]]) -> list[dict]
 # --------------------------------------------------------------------------- training
 
 
+def epoch_order(tasks: list[str], seed: int, stratify: bool) -> list[int]:
+    """The order of one epoch: a seeded shuffle, or task-stratified — each task's comparisons
+    shuffled, then dealt round-robin (tasks in a fresh random order each round), so any run of
+    consecutive comparisons holds the tasks in proportion."""
+    rng = random.Random(seed)
+    if not stratify:
+        order = list(range(len(tasks)))
+        rng.shuffle(order)
+        return order
+    by_task: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_task.setdefault(t, []).append(i)
+    for idx in by_task.values():
+        rng.shuffle(idx)
+    # each task's items are spread evenly over [0, 1): item j of n sits at (j + u) / n
+    keyed = [((j + rng.random()) / len(idx), i) for idx in by_task.values() for j, i in enumerate(idx)]
+    return [i for _, i in sorted(keyed)]
+
+
 def _freeze_lower_layers(model, train_layers: int | None) -> None:
     if train_layers is None:
         return
@@ -399,8 +421,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
     scores = None  # the last epoch's held-out scores are the final ones: the model is done changing
     for epoch in range(first_epoch, cfg.epochs):
         model.train()
-        order = list(range(len(train_set)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        order = epoch_order([c.get("task", "default") for c in train_set], cfg.seed * 1000 + epoch, cfg.stratify)
         for b in range(steps_per_epoch):
             batch = collate([train_set[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]],
                             tokenizer, task_index, cfg.max_length, cfg.am.center_on)

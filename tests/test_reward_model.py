@@ -159,3 +159,17 @@ def test_cli_train_am_sets_objective_and_rejects_bad_data_first(tmp_path, capsys
     assert f"{bad}:1: field 'ranking'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert load_config(ScoreTrainConfig, None, ["objective=am"]).out_dir == "runs/am"
+
+
+def test_epoch_order_is_a_permutation_and_stratified():
+    from stable_rlhf.reward_model import epoch_order
+
+    tasks = ["a"] * 40 + ["b"] * 20 + ["c"] * 20
+    order = epoch_order(tasks, seed=3, stratify=True)
+    assert sorted(order) == list(range(80))
+    assert order == epoch_order(tasks, seed=3, stratify=True) and order != epoch_order(tasks, seed=4, stratify=True)
+    for start in range(0, 80, 8):  # every batch of 8 holds every task, in proportion
+        window = [tasks[i] for i in order[start : start + 8]]
+        assert 2 <= window.count("a") <= 6 and window.count("b") >= 1 and window.count("c") >= 1
+    plain = epoch_order(tasks, seed=3, stratify=False)
+    assert sorted(plain) == list(range(80))
