@@ -148,3 +148,37 @@ def per_task_final(stats: dict) -> dict:
     """summary.json's per_task block from an eval point's stats."""
     tasks = sorted(k.split("/", 2)[2] for k in stats if k.startswith("eval/gold/"))
     return {t: {"gold_reward": stats[f"eval/gold/{t}"], "proxy_score": stats.get(f"eval/proxy/{t}")} for t in tasks}
+
+
+def eval_point(evaluator: PolicyEvaluator | None, accelerator, log, model, tokenizer, step: int, tag: str,
+               extra: dict | None = None) -> dict:
+    """Evaluate on the main process (others wait), log the stats and the sample table, print
+    a line; returns the stats ({} on other ranks). Step 0 reuses the SFT reference answers."""
+    import time
+
+    from .runs import tensorboard_writer
+
+    stats: dict = {}
+    if accelerator.is_main_process:
+        t0 = time.time()
+        stats = evaluator.run(model, tokenizer, step, accelerator.device, is_reference=step == 0)
+        stats.update({"step": step, **(extra or {}), "time/eval": time.time() - t0})
+        log(stats)
+        writer = tensorboard_writer(accelerator)
+        if writer is not None:
+            writer.add_text("samples", evaluator.sample_table(step), step)
+        print(f"[{tag}] step {step}: eval gold {stats['eval/gold_norm']:.4f}  win/lose/tie "
+              f"{stats['eval/win']:.3f}/{stats['eval/lose']:.3f}/{stats['eval/tie']:.3f}"
+              + (f"  proxy {stats['eval/proxy']:.4f}" if "eval/proxy" in stats else ""))
+    accelerator.wait_for_everyone()
+    return stats
+
+
+def final_metrics(stats: dict) -> dict:
+    """summary.json's ``final`` block (without the trainer's own keys) from an eval point."""
+    out = {"gold_reward": stats["eval/gold_norm"], "proxy_score": stats.get("eval/proxy"),
+           "win": stats["eval/win"], "lose": stats["eval/lose"], "tie": stats["eval/tie"]}
+    if "forget/win" in stats:
+        out.update({"forget_win": stats["forget/win"], "forget_lose": stats["forget/lose"],
+                    "forget_tie": stats["forget/tie"], "forget_gold": stats["forget/gold_norm"]})
+    return out

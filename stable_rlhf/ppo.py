@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -41,7 +40,7 @@ import torch
 
 from .generation import generate
 from .config import GenerationConfig, ModelConfig, save_config, to_dict
-from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from .io import atomic_write_json, atomic_write_text, read_jsonl
 from .losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -56,16 +55,20 @@ from .losses import (
     policy_loss,
     value_loss,
 )
-from .policy_eval import EvalConfig, PolicyEvaluator, per_task_final
-from .rewards import RewardConfig, build_reward
-from .rng import rng_state, seed_everything, set_rng_state
+from .policy_eval import EvalConfig, PolicyEvaluator, eval_point, final_metrics, per_task_final
+from .rewards import RewardConfig, build_reward, check_reward_inputs
+from .rng import seed_everything, set_rng_state
 from .runs import (
+    RunLog,
+    clear_run_dir,
     fault_point,
     flat_hparams,
     latest_checkpoint,
     load_trainable,
     mean_stats,
-    tensorboard_writer,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    save_policy,
     trainable_state,
     truncate_metrics,
 )
@@ -253,24 +256,18 @@ def _apply_lora(model, cfg: LoRAConfig):
 def train(cfg: PPOConfig) -> dict:
     from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
-    from .data import DataError, load_records
+    from .data import load_records
     from .models import free_memory, load_policy, load_score_model, make_accelerator
     from .reward_model import _freeze_lower_layers
-    from .testbed.tasks import TASKS
 
     start_time = time.time()
     out = Path(cfg.out_dir)
 
     # 1. Data first: every file is validated before a model loads.
     prompts = load_records(cfg.prompts, "prompt")
-    if cfg.reward.source == "gold":
-        unknown = sorted({r["task"] for r in prompts} - set(TASKS))
-        if unknown:
-            raise DataError(cfg.prompts, None, "task", f"the gold reward has no task(s) {unknown}")
+    check_reward_inputs(cfg.reward, prompts, cfg.prompts)
     mixes = {name: (mix, load_records(mix.data, "sft")) for name, mix in (("ptx", cfg.ptx), ("rehearsal", cfg.rehearsal))
              if mix.data and mix.coef > 0}
-    if cfg.reward.source != "gold" and not Path(cfg.reward.path, "score_model.json").is_file():
-        raise DataError(cfg.reward.path, None, "reward.path", "not a saved score model directory (no score_model.json)")
     out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
@@ -329,9 +326,8 @@ def train(cfg: PPOConfig) -> dict:
     # Resume: the latest complete checkpoint restores everything the loop depends on.
     step, bad_in_row = 0, 0
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if main:  # a checkpoint killed mid-write leaves only its hidden temporary directory
-        for partial in (out / "checkpoints").glob(".step-*"):
-            shutil.rmtree(partial, ignore_errors=True)
+    if main:
+        remove_partial_checkpoints(out)
     if ckpt is not None:
         state = torch.load(ckpt / "state.pt", weights_only=True)
         load_trainable(unwrapped_policy, state["policy"], "policy")
@@ -348,53 +344,24 @@ def train(cfg: PPOConfig) -> dict:
         if main:
             truncate_metrics(out / "metrics.jsonl", step)
             print(f"[ppo] resumed from {ckpt} (step {step})")
-    elif main:  # a fresh run in an old directory: nothing of the old run may leak in
-        for stale in ("metrics.jsonl", "summary.json", *(p.name for p in out.glob("eval_reference_*.jsonl"))):
-            (out / stale).unlink(missing_ok=True)
-        for stale in ("samples", "checkpoints", "model"):
-            shutil.rmtree(out / stale, ignore_errors=True)
+    elif main:
+        clear_run_dir(out, files=("metrics.jsonl", "summary.json", "samples_final.md"),
+                      dirs=("samples", "checkpoints", "model"))
     if cfg.log_with != "none":
         accelerator.init_trackers("ppo", config=flat_hparams(to_dict(cfg)))
 
-    def log(stats: dict) -> None:
-        if main:
-            append_jsonl(out / "metrics.jsonl", stats)
-            accelerator.log({k: v for k, v in stats.items() if isinstance(v, (int, float))}, step=stats["step"])
+    log = RunLog(accelerator, out)
 
-    def save_checkpoint() -> None:
-        rngs = [None] * world
-        torch.distributed.all_gather_object(rngs, rng_state()) if world > 1 else rngs.__setitem__(0, rng_state())
-        if main:
-            with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
-                state = {"policy": trainable_state(unwrapped_policy),
-                         "value": trainable_state(accelerator.unwrap_model(value_model)),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "kl_ctl": kl_ctl.state_dict(), "score_moments": score_moments.state_dict(),
-                         "prompt_stream": prompt_stream.state_dict(),
-                         "mix_streams": {n: s.state_dict() for n, s in mix_streams.items()},
-                         "rng": rngs, "step": step, "bad_in_row": bad_in_row}
-                torch.save(state, tmp / "state.pt")
-                fault_point("checkpoint", step)
-            for old in sorted((out / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, out, step, {
+            "policy": trainable_state(unwrapped_policy), "value": trainable_state(accelerator.unwrap_model(value_model)),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kl_ctl": kl_ctl.state_dict(),
+            "score_moments": score_moments.state_dict(), "prompt_stream": prompt_stream.state_dict(),
+            "mix_streams": {n: s.state_dict() for n, s in mix_streams.items()}, "step": step,
+            "bad_in_row": bad_in_row}, cfg.keep_checkpoints)
 
     def evaluate() -> dict:
-        stats = {}
-        if main:
-            t0 = time.time()
-            stats = evaluator.run(unwrapped_policy, tokenizer, step, device, is_reference=step == 0)
-            stats["step"] = step
-            stats["time/eval"] = time.time() - t0
-            log({"step": step, **stats})
-            tracker = tensorboard_writer(accelerator)
-            if tracker is not None:
-                tracker.add_text("samples", evaluator.sample_table(step), step)
-            print(f"[ppo] step {step}: eval gold {stats['eval/gold_norm']:.4f}  win/lose/tie "
-                  f"{stats['eval/win']:.3f}/{stats['eval/lose']:.3f}/{stats['eval/tie']:.3f}"
-                  + (f"  proxy {stats['eval/proxy']:.4f}" if "eval/proxy" in stats else ""))
-        accelerator.wait_for_everyone()
-        return stats
+        return eval_point(evaluator, accelerator, log, unwrapped_policy, tokenizer, step, "ppo")
 
     if main:
         n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -433,7 +400,7 @@ def train(cfg: PPOConfig) -> dict:
             log({"step": step, "skipped": 1, "skip_reason": "non-finite score", "bad_in_row": bad_in_row})
             print(f"[ppo] step {step}: non-finite score, step skipped ({bad_in_row} in a row)")
             if bad_in_row >= cfg.max_bad_steps:
-                save_checkpoint()
+                checkpoint()
                 raise NonFiniteError(f"{bad_in_row} consecutive steps with non-finite scores or losses; stopped at "
                                      f"step {step}; last checkpoint in {out / 'checkpoints'}")
             bar.update(1)
@@ -549,7 +516,7 @@ def train(cfg: PPOConfig) -> dict:
         bar.update(1)
         bar.set_postfix(score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}")
         if bad_in_row >= cfg.max_bad_steps:
-            save_checkpoint()
+            checkpoint()
             raise NonFiniteError(f"{bad_in_row} consecutive steps with non-finite losses; stopped at step {step}; "
                                  f"last checkpoint in {out / 'checkpoints'}")
 
@@ -557,7 +524,7 @@ def train(cfg: PPOConfig) -> dict:
         if step % cfg.eval.every == 0 or step == cfg.steps:
             last_eval, eval_step = evaluate(), step
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint()
+            checkpoint()
         free_memory()
     bar.close()
 
@@ -565,20 +532,14 @@ def train(cfg: PPOConfig) -> dict:
         last_eval = evaluate()
     summary = {}
     if main:
-        final_policy = unwrapped_policy.merge_and_unload() if cfg.lora.enabled else unwrapped_policy
-        with atomic_dir(out / "model") as tmp:
-            final_policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_policy(unwrapped_policy.merge_and_unload() if cfg.lora.enabled else unwrapped_policy, tokenizer,
+                    out / "model")
         history = read_jsonl(out / "metrics.jsonl")
         last_train = [r for r in history if "objective/kl" in r]
         summary = {
             "steps": step,
             "reward": cfg.reward.source,
-            "final": {"gold_reward": last_eval["eval/gold_norm"], "proxy_score": last_eval.get("eval/proxy"),
-                      "kl": last_train[-1]["objective/kl"] if last_train else None,
-                      "win": last_eval["eval/win"], "lose": last_eval["eval/lose"], "tie": last_eval["eval/tie"],
-                      **({"forget_win": last_eval["forget/win"], "forget_lose": last_eval["forget/lose"],
-                          "forget_tie": last_eval["forget/tie"]} if "forget/win" in last_eval else {})},
+            "final": {**final_metrics(last_eval), "kl": last_train[-1]["objective/kl"] if last_train else None},
             "per_task": per_task_final(last_eval),
             "skipped_steps": sum(1 for r in history if r.get("skipped")),
             "seconds": time.time() - start_time,

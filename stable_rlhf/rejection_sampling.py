@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -32,20 +31,24 @@ import torch
 
 from .config import GenerationConfig, ModelConfig, save_config, to_dict
 from .generation import generate
-from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .policy_eval import EvalConfig, PolicyEvaluator, per_task_final
+from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from .policy_eval import EvalConfig, PolicyEvaluator, eval_point, final_metrics, per_task_final
 from .runs import (
+    RunLog,
+    clear_run_dir,
     fault_point,
     flat_hparams,
     latest_checkpoint,
     load_trainable,
     mean_stats,
-    tensorboard_writer,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    save_policy,
     trainable_state,
     truncate_metrics,
 )
-from .rewards import RewardConfig, build_reward
-from .rng import rng_state, seed_everything, set_rng_state
+from .rewards import RewardConfig, build_reward, check_reward_inputs
+from .rng import seed_everything, set_rng_state
 from .sft import DemoBatches, encode_demos, sequence_nll
 
 
@@ -210,21 +213,15 @@ def _fmt(x: float | None) -> str:
 def train(cfg: RejectionSamplingConfig) -> dict:
     from accelerate.utils import gather_object
 
-    from .data import DataError, load_records
+    from .data import load_records
     from .models import free_memory, load_policy, make_accelerator
-    from .testbed.tasks import TASKS
 
     start_time = time.time()
     out = Path(cfg.out_dir)
 
     # 1. Data first: every file is validated before a model loads.
     prompts = load_records(cfg.prompts, "prompt")
-    if cfg.reward.source == "gold":
-        unknown = sorted({r["task"] for r in prompts} - set(TASKS))
-        if unknown:
-            raise DataError(cfg.prompts, None, "task", f"the gold reward has no task(s) {unknown}")
-    if cfg.reward.source != "gold" and not Path(cfg.reward.path, "score_model.json").is_file():
-        raise DataError(cfg.reward.path, None, "reward.path", "not a saved score model directory (no score_model.json)")
+    check_reward_inputs(cfg.reward, prompts, cfg.prompts)
     out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.seed)
@@ -250,12 +247,10 @@ def train(cfg: RejectionSamplingConfig) -> dict:
     #    come from the initial policy (read back from out_dir on resume), before any checkpoint loads.
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None and main:
-        # eval_reference_*.jsonl too: they are another (or an earlier) initial policy's answers
-        for stale in ("metrics.jsonl", "summary.json", "samples_final.md",
-                      *(p.name for p in out.glob("eval_reference_*.jsonl"))):
-            (out / stale).unlink(missing_ok=True)
-        for stale in ("samples", "kept", "checkpoints"):
-            shutil.rmtree(out / stale, ignore_errors=True)
+        clear_run_dir(out, files=("metrics.jsonl", "summary.json", "samples_final.md"),
+                      dirs=("samples", "kept", "checkpoints"))
+    elif main:
+        remove_partial_checkpoints(out)
     accelerator.wait_for_everyone()
     if main:
         save_config(cfg, out / "config.yaml")
@@ -277,40 +272,17 @@ def train(cfg: RejectionSamplingConfig) -> dict:
     if cfg.log_with != "none":
         accelerator.init_trackers("rejection-sampling", config=flat_hparams(to_dict(cfg)))
 
-    def log(stats: dict) -> None:
-        if main:
-            append_jsonl(out / "metrics.jsonl", stats)
-            accelerator.log({k: v for k, v in stats.items() if isinstance(v, (int, float))}, step=stats["step"])
+    log = RunLog(accelerator, out)
 
-    def save_checkpoint() -> None:
-        rngs = [None] * world
-        torch.distributed.all_gather_object(rngs, rng_state()) if world > 1 else rngs.__setitem__(0, rng_state())
-        if main:
-            # "step-" names: runs.latest_checkpoint finds them; a step here is an iteration.
-            with atomic_dir(out / "checkpoints" / f"step-{iteration:06d}") as tmp:
-                torch.save({"policy": trainable_state(unwrapped_policy), "optimizer": optimizer.state_dict(),
-                            "prompt_stream": prompt_stream.state_dict(), "rng": rngs, "iteration": iteration},
-                           tmp / "state.pt")
-                fault_point("checkpoint", iteration)
-            for old in sorted((out / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+    def checkpoint() -> None:
+        # "step-" names: runs.latest_checkpoint finds them; a step here is an iteration.
+        save_checkpoint(accelerator, out, iteration, {
+            "policy": trainable_state(unwrapped_policy), "optimizer": optimizer.state_dict(),
+            "prompt_stream": prompt_stream.state_dict(), "iteration": iteration}, cfg.keep_checkpoints)
 
     def evaluate() -> dict:
-        stats = {}
-        if main:
-            t0 = time.time()
-            stats = evaluator.run(unwrapped_policy, tokenizer, iteration, device, is_reference=iteration == 0)
-            stats["time/eval"] = time.time() - t0
-            log({"step": iteration, "iteration": iteration, **stats})
-            tracker = tensorboard_writer(accelerator)
-            if tracker is not None:
-                tracker.add_text("samples", evaluator.sample_table(iteration), iteration)
-            print(f"[rejection-sampling] iteration {iteration}: eval gold {stats['eval/gold_norm']:.4f}  "
-                  f"win/lose/tie {stats['eval/win']:.3f}/{stats['eval/lose']:.3f}/{stats['eval/tie']:.3f}"
-                  + (f"  proxy {stats['eval/proxy']:.4f}" if "eval/proxy" in stats else ""))
-        accelerator.wait_for_everyone()
-        return stats
+        return eval_point(evaluator, accelerator, log, unwrapped_policy, tokenizer, iteration, "rejection-sampling",
+                          {"iteration": iteration})
 
     if main:
         print(f"[rejection-sampling] {len(prompts)} prompts, reward {cfg.reward.source}, {world} process(es) on "
@@ -368,25 +340,20 @@ def train(cfg: RejectionSamplingConfig) -> dict:
         # 7. Eval and checkpoint.
         if iteration % cfg.eval.every == 0 or iteration == cfg.iterations:
             last_eval = evaluate()
-        save_checkpoint()
+        checkpoint()
         free_memory()
 
     if last_eval is None:  # a resumed run that had nothing left to do
         last_eval = evaluate()
     summary = {}
     if main:
-        with atomic_dir(out / "model") as tmp:
-            unwrapped_policy.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_policy(unwrapped_policy, tokenizer, out / "model")
         history = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kept" in r]
         n_kept = sum(r["objective/kept"] for r in history)
         summary = {
             "iterations": iteration,
             "reward": cfg.reward.source,
-            "final": {"gold_reward": last_eval["eval/gold_norm"], "proxy_score": last_eval.get("eval/proxy"),
-                      "win": last_eval["eval/win"], "lose": last_eval["eval/lose"], "tie": last_eval["eval/tie"],
-                      **({"forget_win": last_eval["forget/win"], "forget_lose": last_eval["forget/lose"],
-                          "forget_tie": last_eval["forget/tie"]} if "forget/win" in last_eval else {})},
+            "final": final_metrics(last_eval),
             "per_task": per_task_final(last_eval),
             "kept": n_kept,
             "kept_fraction": n_kept / max(1, len(history) * cfg.prompts_per_iteration * world),

@@ -91,3 +91,20 @@ def build_reward(cfg: RewardConfig, device=None):
     if cfg.source == "gold":
         return GoldReward(cfg.workers)
     return ModelReward(cfg, device)
+
+
+def check_reward_inputs(cfg: RewardConfig, prompts: list[dict], prompts_spec: str) -> None:
+    """Before any model loads: the gold reward knows every prompt's task; a score model path
+    is a saved score model."""
+    from pathlib import Path
+
+    from .data import DataError
+
+    if cfg.source == "gold":
+        from .testbed.tasks import TASKS
+
+        unknown = sorted({r["task"] for r in prompts} - set(TASKS))
+        if unknown:
+            raise DataError(prompts_spec, None, "task", f"the gold reward has no task(s) {unknown}")
+    elif not Path(cfg.path, "score_model.json").is_file():
+        raise DataError(cfg.path, None, "reward.path", "not a saved score model directory (no score_model.json)")

@@ -75,3 +75,69 @@ def tensorboard_writer(accelerator):
         if getattr(tracker, "name", "") == "tensorboard":
             return tracker.writer
     return None
+
+
+def clear_run_dir(out: Path, files: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> None:
+    """A fresh run in an old directory: remove what an earlier run left, so nothing of it
+    leaks in (old metrics, the SFT reference answers of another initial policy, checkpoints
+    a later resume could pick up)."""
+    import shutil
+
+    for name in (*files, *(p.name for p in out.glob("eval_reference_*.jsonl"))):
+        (out / name).unlink(missing_ok=True)
+    for name in dirs:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+class RunLog:
+    """metrics.jsonl plus accelerate's trackers (TensorBoard), written by the main process."""
+
+    def __init__(self, accelerator, out: Path):
+        self.accelerator, self.out = accelerator, out
+
+    def __call__(self, stats: dict) -> None:
+        if self.accelerator.is_main_process:
+            from .io import append_jsonl
+
+            append_jsonl(self.out / "metrics.jsonl", stats)
+            scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(scalars, step=stats["step"])
+
+
+def save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -> None:
+    """Write ``checkpoints/step-N/state.pt`` atomically with every rank's RNG state, and keep
+    the newest ``keep`` checkpoints. Called by every rank (the RNG states are gathered)."""
+    import shutil
+
+    from .io import atomic_dir
+    from .rng import rng_state
+
+    rngs = [None] * accelerator.num_processes
+    if accelerator.num_processes > 1:
+        torch.distributed.all_gather_object(rngs, rng_state())
+    else:
+        rngs[0] = rng_state()
+    if accelerator.is_main_process:
+        with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
+            torch.save({**state, "rng": rngs}, tmp / "state.pt")
+            fault_point("checkpoint", step)
+        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def remove_partial_checkpoints(out: Path) -> None:
+    """A checkpoint killed mid-write leaves only its hidden temporary directory."""
+    import shutil
+
+    for partial in (out / "checkpoints").glob(".step-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def save_policy(model, tokenizer, path: Path) -> None:
+    """The final policy (``save_pretrained``-loadable, with its tokenizer), atomically."""
+    from .io import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -1,4 +1,5 @@
-"""data/testbed/: valid, regenerable from its seed, and its gold rewards recomputable."""
+"""data/testbed/ and data/testbed_large/: valid, regenerable from the seed, checksummed,
+and their gold rewards recomputable."""
 
 import hashlib
 from pathlib import Path
@@ -11,6 +12,7 @@ from stable_rlhf.testbed.build import BuildDataConfig, write_prompt_splits
 from stable_rlhf.testbed.tasks import gold_rewards
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "testbed"
+LARGE = DATA.parent / "testbed_large"  # the same seed's prompts, more of them with preferences
 
 
 def test_prompt_splits_regenerate_byte_for_byte(tmp_path):
@@ -22,10 +24,11 @@ def test_prompt_splits_regenerate_byte_for_byte(tmp_path):
             hashlib.sha256((DATA / name).read_bytes()).hexdigest(), name
 
 
-def test_checksums_match_the_shipped_files():
-    for line in (DATA / "SHA256SUMS").read_text().splitlines():
+@pytest.mark.parametrize("data", [DATA, LARGE], ids=["testbed", "testbed_large"])
+def test_checksums_match_the_shipped_files(data):
+    for line in (data / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split()
-        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, name
+        assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest, name
 
 
 def test_splits_share_no_prompt_text_and_forgetting_set_is_held_out():
@@ -39,9 +42,11 @@ def test_splits_share_no_prompt_text_and_forgetting_set_is_held_out():
     assert all(r["meta"]["sft_gold_norm"] >= 0.5 for r in forget)
 
 
+@pytest.mark.parametrize("data", [DATA, LARGE], ids=["testbed", "testbed_large"])
 @pytest.mark.parametrize("split", ["train", "eval"])
-def test_preferences_are_valid_and_gold_is_recomputable(split):
-    prefs = read_jsonl(DATA / f"preferences_{split}.jsonl", "ranked")  # the trainers' validation
+def test_preferences_are_valid_and_gold_is_recomputable(data, split):
+    # testbed_large was built from the same seed: its prompts are records of DATA's splits
+    prefs = read_jsonl(data / f"preferences_{split}.jsonl", "ranked")  # the trainers' validation
     prompts = {r["id"]: r for s in ("train", "eval") for r in read_jsonl(DATA / f"prompts_{s}.jsonl", "prompt")}
     records, responses, stored = [], [], []
     for p in prefs:
