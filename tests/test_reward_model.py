@@ -173,3 +173,18 @@ def test_epoch_order_is_a_permutation_and_stratified():
         assert 2 <= window.count("a") <= 6 and window.count("b") >= 1 and window.count("c") >= 1
     plain = epoch_order(tasks, seed=3, stratify=False)
     assert sorted(plain) == list(range(80))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_dropout_is_off_while_training_unless_asked(data, tmp_path, monkeypatch, dropout):
+    modes = []
+    forward = ScoreModel.forward
+
+    def recording(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            modes.append(self.training)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreModel, "forward", recording)
+    train(cfg_for(data, tmp_path / "rm", "epochs=1", f"dropout={str(dropout).lower()}"))
+    assert modes and set(modes) == {dropout}
