@@ -46,6 +46,12 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "train",
         "iterated best-of-n: sample n per prompt, keep the best by score, NLL fine-tune on it (Llama 2 / RAFT)",
     ),
+    "select": (
+        "stable_rlhf.selection",
+        "SelectConfig",
+        "train",
+        "selective rehearsal: embed + k-means the PPO prompts, rehearse each cluster's top-k by AM score",
+    ),
     "make-prompts": (
         "stable_rlhf.testbed.build",
         "MakePromptsConfig",

@@ -235,26 +235,25 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def field_help(cls: type) -> list[tuple[str, str, Any, str]]:
+def field_help(cls: type, base: Any = None) -> list[tuple[str, str, Any, str]]:
     """(dotted name, type, default, help) for every leaf field, for ``--help``.
 
     The help text is the ``#:`` comment or string literal following the field in the
-    class source (the CleanRL convention of docstrings under fields).
+    class source (the CleanRL convention of docstrings under fields). A nested section's
+    defaults are those of the field's own default instance (``base``), e.g. PPO's
+    ``generation.top_p`` 1.0, not ``GenerationConfig``'s class default.
     """
     out = []
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = _field_default(f, base)
         if dataclasses.is_dataclass(tp):
-            for name, t, d, h in field_help(tp):
+            for name, t, d, h in field_help(tp, default if isinstance(default, tp) else None):
                 out.append((f"{f.name}.{name}", t, d, h))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
+        if base is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             default = "<required>"
         out.append((f.name, _type_name(tp), default, docs.get(f.name, "")))
     return out

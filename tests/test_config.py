@@ -137,3 +137,9 @@ def test_partial_section_keeps_the_fields_own_default(tmp_path):
     cfg = load_config(WithCustomDefault, write(tmp_path, "gen:\n  temperature: 0.3\n"))
     assert (cfg.gen.max_new_tokens, cfg.gen.top_p, cfg.gen.temperature) == (48, 1.0, 0.3)
     assert load_config(WithCustomDefault).inner == Inner(lr=0.5, steps=7)
+
+
+def test_field_help_shows_the_fields_own_section_defaults():
+    rows = {name: default for name, _, default, _ in field_help(WithCustomDefault)}
+    assert rows["inner.lr"] == 0.5 and rows["inner.steps"] == 7
+    assert rows["gen.max_new_tokens"] == 48 and rows["gen.top_p"] == 1.0
