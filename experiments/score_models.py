@@ -26,13 +26,17 @@ KINDS = ("rm", "am", "rm-pertask")
 LABELS = {"rm": "RM", "am": "AM", "rm-pertask": "per-task-normalised RM"}
 
 
-def run_seed(config: str | None, overrides: list[str], out: Path, seed: int) -> dict[str, dict]:
+def run_seed(config: str | None, overrides: list[str], out: Path, seed: int, am_from_rm: bool = False
+             ) -> dict[str, dict]:
+    """RM then AM for one seed; with ``am_from_rm`` the AM starts from this seed's trained RM
+    (its ranking features) and its own terms re-centre and re-scale the scores."""
     results = {}
     for objective in ("rm", "am"):
         run_dir = out / f"{objective}-seed{seed}"
         if not (run_dir / "summary.json").exists():
+            init = [f"init_from={out / f'rm-seed{seed}' / 'model'}"] if objective == "am" and am_from_rm else []
             cfg = load_config(ScoreTrainConfig, config,
-                              [f"objective={objective}", f"seed={seed}", f"out_dir={run_dir}", *overrides])
+                              [f"objective={objective}", f"seed={seed}", f"out_dir={run_dir}", *overrides, *init])
             train(cfg)
         results[objective] = json.loads((run_dir / "summary.json").read_text())
     results["rm-pertask"] = per_task_normalised_run(out / f"rm-seed{seed}", out / f"rm-pertask-seed{seed}")
@@ -104,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="experiments/score_models_cpu.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/score_models")
+    parser.add_argument("--am-from-rm", action="store_true",
+                        help="initialise each seed's AM from that seed's trained RM")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both trainers")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    per_seed = {seed: run_seed(args.config, args.overrides, out, seed) for seed in args.seeds}
+    per_seed = {seed: run_seed(args.config, args.overrides, out, seed, args.am_from_rm) for seed in args.seeds}
     text, agg = table(per_seed, out)
     atomic_write_text(out / "results.md", text)
     atomic_write_json(out / "results.json", {"config": args.config, "overrides": args.overrides,
+                                             "am_from_rm": args.am_from_rm,
                                              "seeds": args.seeds, "aggregate": agg})
     from analysis.score_models import main as plots
 

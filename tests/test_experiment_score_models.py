@@ -56,3 +56,19 @@ def test_paired_accuracy_difference(tmp_path):
     write("b", [1, 2, 3])  # all 3 pairs wrong
     d = paired_accuracy_difference(tmp_path / "a", tmp_path / "b")
     assert d == {"diff": 1.0, "se": 0.0, "pairs": 3}
+
+
+def test_am_from_rm_starts_each_am_from_its_seeds_rm(tmp_path):
+    import yaml
+
+    atomic_write_jsonl(tmp_path / "train.jsonl", synthetic(16, 0))
+    atomic_write_jsonl(tmp_path / "eval.jsonl", synthetic(8, 1))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"train_data: {tmp_path / 'train.jsonl'}\neval_data: {tmp_path / 'eval.jsonl'}\n"
+                   "model:\n  name_or_path: tiny-random\n  tiny_hidden: 32\nepochs: 1\nbatch_size: 8\n")
+    out = tmp_path / "exp"
+    assert main(["--config", str(cfg), "--seeds", "0", "--out", str(out), "--am-from-rm"]) == 0
+    am_cfg = yaml.safe_load((out / "am-seed0" / "config.yaml").read_text())
+    assert am_cfg["init_from"] == str(out / "rm-seed0" / "model")
+    assert yaml.safe_load((out / "rm-seed0" / "config.yaml").read_text())["init_from"] is None
+    assert json.loads((out / "results.json").read_text())["am_from_rm"] is True
