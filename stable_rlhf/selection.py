@@ -384,19 +384,6 @@ def report_markdown(report: dict) -> str:
 # --------------------------------------------------------------------------- inputs
 
 
-def limit_per_task(records: list[dict], limit: int | None) -> list[dict]:
-    """The first ``limit`` records of each task, in file order (all of them for None)."""
-    if limit is None:
-        return records
-    seen: dict[str, int] = {}
-    out = []
-    for r in records:
-        if seen.get(r["task"], 0) < limit:
-            seen[r["task"]] = seen.get(r["task"], 0) + 1
-            out.append(r)
-    return out
-
-
 def _check_unique_ids(records: list[dict], spec: str) -> None:
     from .data import DataError
 
@@ -519,6 +506,8 @@ def train(cfg: SelectConfig) -> dict:
     seconds: dict[str, float] = {}
 
     # 1. Data first: prompts (and reused samples) are validated before a model loads.
+    from .testbed.evaluate import limit_per_task
+
     records = limit_per_task(load_records(cfg.prompts, "prompt"), cfg.limit_per_task)
     _check_unique_ids(records, cfg.prompts)
     N = len(records)

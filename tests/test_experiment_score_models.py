@@ -24,12 +24,18 @@ def test_table_aggregates_over_seeds():
     assert "| AM | 0.6400 ± 0.0283 |" in text and "0.125, 0.500" in text
 
 
-def test_runs_skips_finished_runs_and_draws_plots(tmp_path, capsys):
+def tiny_config(tmp_path):
+    """A score-model config on synthetic comparisons and the tiny random backbone."""
     atomic_write_jsonl(tmp_path / "train.jsonl", synthetic(16, 0))
     atomic_write_jsonl(tmp_path / "eval.jsonl", synthetic(8, 1))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"train_data: {tmp_path / 'train.jsonl'}\neval_data: {tmp_path / 'eval.jsonl'}\n"
                    "model:\n  name_or_path: tiny-random\n  tiny_hidden: 32\nepochs: 1\nbatch_size: 8\n")
+    return cfg
+
+
+def test_runs_skips_finished_runs_and_draws_plots(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
     out = tmp_path / "exp"
     assert main(["--config", str(cfg), "--seeds", "0", "--out", str(out)]) == 0
     for name in ("rm-seed0/summary.json", "am-seed0/summary.json", "rm-pertask-seed0/summary.json",
@@ -61,11 +67,7 @@ def test_paired_accuracy_difference(tmp_path):
 def test_am_from_rm_starts_each_am_from_its_seeds_rm(tmp_path):
     import yaml
 
-    atomic_write_jsonl(tmp_path / "train.jsonl", synthetic(16, 0))
-    atomic_write_jsonl(tmp_path / "eval.jsonl", synthetic(8, 1))
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"train_data: {tmp_path / 'train.jsonl'}\neval_data: {tmp_path / 'eval.jsonl'}\n"
-                   "model:\n  name_or_path: tiny-random\n  tiny_hidden: 32\nepochs: 1\nbatch_size: 8\n")
+    cfg = tiny_config(tmp_path)
     out = tmp_path / "exp"
     assert main(["--config", str(cfg), "--seeds", "0", "--out", str(out), "--am-from-rm"]) == 0
     am_cfg = yaml.safe_load((out / "am-seed0" / "config.yaml").read_text())

@@ -13,6 +13,7 @@ from sklearn.metrics import adjusted_rand_score
 from stable_rlhf import selection
 from stable_rlhf.cli import main as cli_main
 from stable_rlhf.config import load_config
+from stable_rlhf.testbed.evaluate import limit_per_task
 from stable_rlhf.data import load_records
 from stable_rlhf.io import atomic_write_jsonl, read_jsonl
 from stable_rlhf.selection import (
@@ -234,7 +235,7 @@ def test_select_stage_end_to_end(minilm, tiny_am, tmp_path, monkeypatch):
     rehearsal = load_records(str(run / "rehearsal.jsonl"), "sft")
     ppo = load_records(str(run / "ppo_prompts.jsonl"), "prompt")
     prompts = load_records(PROMPTS, "prompt")
-    ids = [r["id"] for r in selection.limit_per_task(prompts, 4)]
+    ids = [r["id"] for r in limit_per_task(prompts, 4)]
     assert len(ids) == 24
     assert sorted([r["id"] for r in rehearsal] + [r["id"] for r in ppo]) == sorted(ids)  # a partition
     assert len(rehearsal) == report["n_rehearsal"] == 12  # 2 per cluster, 6 clusters of >= 2
