@@ -101,6 +101,8 @@ class NLLMixConfig:
     """γ: weight of the NLL term"""
     batch_size: int = 4
     """demonstrations per PPO minibatch"""
+    max_length: int = 512
+    """tokens per demonstration (prompt cut from the left first)"""
 
 
 @dataclasses.dataclass
@@ -466,7 +468,7 @@ def train(cfg: PPOConfig) -> dict:
                 for i, (name, (mix, _)) in enumerate(mixes.items()):
                     rows = mix_streams[name].next()
                     demo = encode_demos(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                        max_length=512, system_prompt=cfg.generation.system_prompt)
+                                        max_length=mix.max_length, system_prompt=cfg.generation.system_prompt)
                     with accelerator.no_sync(policy) if i < len(mixes) - 1 else contextlib.nullcontext():
                         nll, _ = sequence_nll(policy, demo)
                         accelerator.backward(mix.coef * nll)

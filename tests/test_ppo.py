@@ -202,3 +202,15 @@ def test_bad_prompts_are_rejected_before_any_model_loads(tmp_path, capsys, monke
     assert main(["ppo", f"prompts={bad}", "model.name_or_path=tiny-random", f"out_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "prompt" in err
+
+
+def test_ptx_and_rehearsal_nll_terms_are_mixed_in_and_logged(tmp_path):
+    demos = TESTBED / "sft_demos.jsonl"
+    run(tmp_path / "mix", "steps=2", f"ptx.data={demos}", "ptx.coef=0.5", f"rehearsal.data={demos}",
+        "rehearsal.batch_size=2")
+    rows = [r for r in read_jsonl(tmp_path / "mix" / "metrics.jsonl") if "objective/kl" in r]
+    for r in rows:
+        assert r["loss/ptx"] > 0 and r["loss/rehearsal"] > 0
+        # total = policy + vf_coef·value + γ_ptx·NLL + γ_R·NLL (γ_R keeps its 0.01 default)
+        expected = r["loss/policy"] + 0.1 * r["loss/value"] + 0.5 * r["loss/ptx"] + 0.01 * r["loss/rehearsal"]
+        assert r["loss/total"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
