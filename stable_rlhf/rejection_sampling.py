@@ -226,7 +226,7 @@ def train(cfg: RejectionSamplingConfig) -> dict:
 
     seed_everything(cfg.seed)
     accelerator = make_accelerator(seed=cfg.seed, log_with=None if cfg.log_with == "none" else cfg.log_with,
-                                   project_dir=str(out))
+                                   project_dir=str(out / "tensorboard"))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     # The evaluator reads (and so validates) the eval and forgetting prompts.

@@ -79,7 +79,8 @@ def test_ppo_trains_and_writes_its_contract(reference_run):
 
 def test_lora_trains_adapters_only_and_starts_at_kl_zero(tmp_path):
     out = tmp_path / "lora"
-    run(out, "lora.enabled=true", "lora.r=4", "steps=2", "eval.every=2", "lr=1e-2")
+    run(out, "lora.enabled=true", "lora.r=4", "steps=2", "eval.every=2", "lr=1e-2", "log_with=tensorboard")
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file in tensorboard/"
     state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
     assert state["policy"] and all("lora_" in k for k in state["policy"])
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]

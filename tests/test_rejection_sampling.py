@@ -115,7 +115,7 @@ def test_rejection_sampling_trains_and_writes_its_contract(tmp_path):
                  "eval_reference_eval.jsonl", "eval_reference_forget.jsonl", "samples/eval-step000002.jsonl",
                  "samples/forget-step000002.jsonl"):
         assert (out / name).exists(), name
-    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file in tensorboard/"
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["kept"] == 12 and summary["kept_fraction"] == 1.0
     assert set(summary["final"]) >= {"gold_reward", "proxy_score", "win", "lose", "tie", "forget_win"}
