@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two entry points of the README:
-#   bash run.sh main [key=value ...]   the default experiment, its report and plots
+#   bash run.sh main [key=value ...]   the default experiment (the ablation's CPU preset), its report and plots
 #   bash run.sh test [pytest args]     the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,8 +12,7 @@ shift || true
 case "$cmd" in
   main)
     run_dir=${RUN_DIR:-runs/main}
-    "$venv/bin/stable-rlhf" main out_dir="$run_dir" "$@"
-    exec "$venv/bin/python" -m analysis.testbed_report "$run_dir" ;;
+    exec "$venv/bin/python" -m experiments.ablation --config experiments/ablation_cpu.yaml out_dir="$run_dir" "$@" ;;
   test) exec "$venv/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh main|test [args]" >&2; exit 2 ;;
 esac

@@ -70,11 +70,11 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "evaluate",
         "per-task gold reward, response length and style leakage of a policy",
     ),
-    "main": (
-        "stable_rlhf.testbed.build",
-        "BuildDataConfig",
-        "main",
-        "the default experiment: build the testbed with SmolLM2 and write the SFT policy's per-task table",
+    "ablation": (
+        "stable_rlhf.ablation",
+        "AblationConfig",
+        "train",
+        "the ablation: shared RM / AM and selection, then every arm (SFT, RS, RM-PPO, AM-PPO, AM-PPO-SR, ...) over seeds",
     ),
 }
 

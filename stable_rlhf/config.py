@@ -100,8 +100,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str, default: Any = None) -> A
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        # Given entries update the default mapping's (an arm given in part keeps its other
+        # settings; new names are added), like a section given in part.
         _, val_tp = get_args(tp) or (Any, Any)
-        return {k: _coerce(v, val_tp, f"{key}.{k}", where) for k, v in value.items()}
+        base = default if isinstance(default, dict) else {}
+        out = dict(base)
+        for k, v in value.items():
+            out[k] = _coerce(v, val_tp, f"{key}.{k}", where, base.get(k))
+        return out
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}{key}: expected float, got {value!r}")
@@ -177,7 +183,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*", key):  # '-': mapping keys
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
         value = yaml_load(raw) if raw.strip() else ""

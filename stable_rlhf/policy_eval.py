@@ -45,6 +45,9 @@ class EvalConfig:
     """sampling settings for eval answers (the SFT reference uses the same)"""
     n_samples_logged: int = 12
     """answers written to the sample table at each eval point"""
+    reference_dir: Optional[str] = None
+    """a directory holding eval_reference_<set>.jsonl sampled from the same SFT policy with these
+    settings (the ablation runner shares one across its arms): copied, not resampled"""
 
     def __post_init__(self):
         if self.every < 1:
@@ -90,8 +93,20 @@ class PolicyEvaluator:
         ``sft_model`` None: they must be there already)."""
         for name, records in self.sets.items():
             path = self.out / f"eval_reference_{name}.jsonl"
+            shared = Path(self.cfg.reference_dir, path.name) if self.cfg.reference_dir else None
+            if not path.exists() and shared is not None and shared.exists():
+                rows = read_jsonl(shared)
+                if [r["prompt"] for r in rows] != [r["prompt"] for r in records]:
+                    raise ValueError(f"{shared}: its prompts are not the {name} prompts of this run's eval settings")
+                atomic_write_jsonl(path, rows)
             if path.exists():
                 self.reference[name] = read_jsonl(path)
+                if self.proxy is not None and any("proxy" not in r for r in self.reference[name]):
+                    # a shared reference sampled without this run's proxy: score it once here
+                    proxy = self.proxy(records, [r["response"] for r in self.reference[name]])
+                    for row, s in zip(self.reference[name], proxy.tolist()):
+                        row["proxy"] = float(s)
+                    atomic_write_jsonl(path, self.reference[name])
             elif sft_model is None:
                 raise FileNotFoundError(f"{path}: the SFT reference answers of this run are missing")
             else:

@@ -363,7 +363,3 @@ def build_data(cfg: BuildDataConfig) -> dict:
     print(f"[build] done in {timings['this_run_s']:.0f}s -> {out}")
     return summary
 
-
-def main(cfg: BuildDataConfig) -> dict:
-    """The default experiment. For now: the testbed data and the SFT table (see README)."""
-    return build_data(cfg)

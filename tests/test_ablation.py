@@ -1,0 +1,190 @@
+"""The ablation runner end to end on tiny models: shared stages once, every arm's config wired
+as its kind says, finished runs skipped, bad configs refused before training, and the report
+filled from the run directories."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from stable_rlhf.ablation import AblationConfig, ArmConfig, needs, run
+from stable_rlhf.config import ConfigError, load_config
+from stable_rlhf.data import DataError
+
+pytestmark = pytest.mark.usefixtures("small_model_cpu")
+
+ARMS = ["sft", "rm-ppo-ptx", "am-ppo-sr", "am-ppo-random-rehearsal", "rejection-sampling", "gold-ppo"]
+
+
+def tiny_config(out, *extra) -> AblationConfig:
+    text = f"""
+out_dir: {out}
+seeds: [0, 1]
+run_arms: {json.dumps(ARMS)}
+model: {{name_or_path: tiny-random}}
+prompts_per_task: 6
+eval: {{limit_per_task: 2, every: 2, generation: {{max_new_tokens: 8, batch_size: 16}}}}
+score:
+  train_data: data/testbed/preferences_train.jsonl
+  eval_data: data/testbed/preferences_eval.jsonl
+  model: {{name_or_path: tiny-random, tiny_hidden: 32}}
+  epochs: 1
+  batch_size: 8
+select: {{n: 2, drop_truncated: false, n_clusters: 4, k_per_cluster: 2,
+          generation: {{max_new_tokens: 8, batch_size: 16}}}}
+ppo: {{steps: 2, batch_size: 4, mini_batch_size: 2, lr: 1.0e-3, log_with: none, save_every: 2,
+       generation: {{max_new_tokens: 8, batch_size: 4}}}}
+rejection_sampling: {{iterations: 1, prompts_per_iteration: 4, n: 2, drop_truncated: false, log_with: none,
+                     generation: {{max_new_tokens: 8, batch_size: 8}}}}
+"""
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(text)
+    return load_config(AblationConfig, path, list(extra))
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation") / "run"
+    cfg = tiny_config(out)
+    run(cfg)
+    return cfg, out
+
+
+def run_config(out, arm, seed=0) -> dict:
+    return yaml.safe_load((out / "arms" / arm / f"seed{seed}" / "config.yaml").read_text())
+
+
+def test_plan_needs_only_what_the_arms_use():
+    arms = {"sft": ArmConfig(kind="sft"), "gold": ArmConfig(score="gold")}
+    assert needs(arms, am_from_rm=True) == {"rm": False, "am": False, "select": False}
+    assert needs({"rm": ArmConfig(score="rm")}, True) == {"rm": True, "am": False, "select": False}
+    assert needs({"am": ArmConfig(score="am")}, True) == {"rm": True, "am": True, "select": False}
+    assert needs({"am": ArmConfig(score="am")}, False) == {"rm": False, "am": True, "select": False}
+    assert needs({"sr": ArmConfig(score="gold", rehearsal="clustered")}, False) == {"rm": False, "am": True,
+                                                                                   "select": True}
+
+
+def test_shared_stages_and_every_arm_seed_ran(ablation):
+    cfg, out = ablation
+    index = json.loads((out / "ablation.json").read_text())
+    assert list(index["arms"]) == ARMS and index["seeds"] == [0, 1]
+    for key in ("rm", "am", "rm-pertask", "select-clustered", "select-random"):
+        assert key in index["shared"], key
+    assert "select-global_topk" not in index["shared"]  # no arm uses it
+    pool = [json.loads(line) for line in (out / "shared" / "prompt_pool.jsonl").read_text().splitlines()]
+    assert len(pool) == 6 * len({r["task"] for r in pool})
+    for arm in ARMS:
+        for seed in (0, 1):
+            summary = json.loads((out / "arms" / arm / f"seed{seed}" / "summary.json").read_text())
+            keys = {"gold_reward", "win", "lose", "tie", "forget_win"} | ({"kl"} if arm != "rejection-sampling" else set())
+            assert keys <= set(summary["final"]), arm
+            assert summary["per_task"], arm
+    # The AM starts from the RM; rehearsal selection scored with the shared AM.
+    am_cfg = yaml.safe_load((out / "shared" / "am" / "config.yaml").read_text())
+    assert am_cfg["init_from"] == str(out / "shared" / "rm" / "model") and am_cfg["objective"] == "am"
+    report = json.loads((out / "shared" / "select-random" / "selection_report.json").read_text())
+    assert report["samples_from"].startswith("reused from") and report["strategy"] == "random"
+
+
+def test_arm_configs_are_wired_by_kind(ablation):
+    cfg, out = ablation
+    sr, rnd = run_config(out, "am-ppo-sr"), run_config(out, "am-ppo-random-rehearsal")
+    sel = out / "shared" / "select-clustered"
+    assert sr["reward"] == {**sr["reward"], "source": "am", "path": str(out / "shared" / "am" / "model")}
+    assert sr["prompts"] == str(sel / "ppo_prompts.jsonl") and sr["rehearsal"]["data"] == str(sel / "rehearsal.jsonl")
+    assert sr["rehearsal"]["coef"] == 0.01 and sr["ptx"]["data"] is None
+    assert rnd["rehearsal"]["data"] == str(out / "shared" / "select-random" / "rehearsal.jsonl")
+    # D_R and D_PPO split the pool; the random selector rehearses as many prompts as the clustered one.
+    n_pool = len((out / "shared" / "prompt_pool.jsonl").read_text().splitlines())
+    for s in ("clustered", "random"):
+        d = out / "shared" / f"select-{s}"
+        n_r, n_p = (len((d / f).read_text().splitlines()) for f in ("rehearsal.jsonl", "ppo_prompts.jsonl"))
+        assert n_r > 0 and n_r + n_p == n_pool
+    assert (len((sel / "rehearsal.jsonl").read_text().splitlines())
+            == len((out / "shared" / "select-random" / "rehearsal.jsonl").read_text().splitlines()))
+    ptx = run_config(out, "rm-ppo-ptx")
+    assert ptx["ptx"]["data"] == "data/testbed/sft_demos.jsonl" and ptx["ptx"]["coef"] == 0.01
+    assert ptx["rehearsal"]["data"] is None and ptx["prompts"] == str(out / "shared" / "prompt_pool.jsonl")
+    assert ptx["reward"]["source"] == "rm"
+    gold = run_config(out, "gold-ppo", seed=1)
+    assert gold["reward"]["source"] == "gold" and gold["seed"] == 1
+    # Every trained arm used the shared SFT reference: identical reference answers, sampled once.
+    ref = (out / "shared" / "eval_reference" / "eval_reference_eval.jsonl").read_text()
+    for arm in ARMS[1:]:
+        assert (out / "arms" / arm / "seed1" / "eval_reference_eval.jsonl").read_text().count("\n") == ref.count("\n")
+        assert json.loads((out / "arms" / arm / "seed1" / "eval_reference_eval.jsonl").read_text().splitlines()[0]
+                          )["response"] == json.loads(ref.splitlines()[0])["response"]
+    # The SFT arm resamples with its own seed and is judged against the same reference.
+    sft = json.loads((out / "arms" / "sft" / "seed1" / "summary.json").read_text())
+    assert sft["sampling_seed"] == cfg.eval.seed + 2 and sft["final"]["kl"] == 0.0
+
+
+def test_rerun_skips_finished_stages_and_runs(ablation, capsys):
+    cfg, out = ablation
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    timings = (out / "timings.json").read_text()
+    run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == before
+    assert (out / "timings.json").read_text() == timings
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == len(ARMS) * 2
+    assert "train-rm" not in printed and "select (" not in printed
+
+
+def test_report_is_filled_from_the_run_directories(ablation):
+    from analysis.ablation_report import build_report
+
+    cfg, out = ablation
+    path = build_report(out)
+    text = path.read_text()
+    for heading in ("Table 1", "Table 2", "Gold reward per task", "Style leakage", "Findings"):
+        assert heading in text
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["table1"]) == {"rm", "am", "rm-pertask"}
+    for arm in ARMS:
+        row = data["table2"][arm]
+        wins = [json.loads((out / "arms" / arm / f"seed{s}" / "summary.json").read_text())["final"]["win"]
+                for s in (0, 1)]
+        assert row["win"]["mean"] == pytest.approx(np.mean(wins))
+        assert row["win"]["std"] == pytest.approx(np.std(wins, ddof=1))
+        assert f"| {cfg.arms[arm].label or arm} | 2 |" in text
+    table2 = [line.split(" | ") for line in text.split("## Table 2")[1].split("##")[0].splitlines()
+              if line.startswith("| ") and "---" not in line]
+    assert table2[0][2:6] == ["gold (norm.)", "win", "lose", "tie"] and len(table2) == 1 + len(ARMS)
+    for row in table2[1:]:
+        assert "n/a" not in row[2:6] + row[7:8], row  # gold, win/lose/tie, forgetting win always measured
+    for name in ("score_distributions", "reliability", "win_lose_tie", "gold_vs_kl", "proxy_vs_kl", "forgetting",
+                 "reward_curves"):
+        png = out / "plots" / f"{name}.png"
+        assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG", name
+        assert f"plots/{name}.png" in text
+    assert "<table>" in (out / "report.html").read_text()
+
+
+def test_bad_configs_are_refused_before_any_stage(tmp_path):
+    with pytest.raises(ConfigError, match="rehearsal and ptx are PPO options"):
+        tiny_config(tmp_path / "a", "arms.rs.kind=rejection-sampling", "arms.rs.rehearsal=clustered")
+    with pytest.raises(ConfigError, match="run_arms names unknown arm"):
+        tiny_config(tmp_path / "b", "run_arms=[sft,nope]")
+    with pytest.raises(ConfigError, match="arms.rm-ppo-ptx: .*lr"):
+        cfg = tiny_config(tmp_path / "c", "arms.rm-ppo-ptx.overrides={lr: fast}")
+        run(cfg)
+    assert not (tmp_path / "c" / "shared" / "rm").exists()
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "hi", "task": "arithmetic"}\n{"prompt": 3, "task": "arithmetic"}\n')
+    with pytest.raises(DataError, match="prompts.jsonl:2: field 'prompt'"):
+        run(tiny_config(tmp_path / "d", f"prompts={bad}"))
+    assert not (tmp_path / "d" / "shared").exists()
+
+
+def test_experiment_command_runs_and_reports(ablation, capsys):
+    from experiments.ablation import main
+
+    cfg, out = ablation
+    config = out.parent / f"{out.name}.yaml"
+    os.utime(out / "report.md", (0, 0))
+    assert main(["--config", str(config)]) == 0
+    assert (out / "report.md").stat().st_mtime > 0 and "report:" in capsys.readouterr().out
+    assert main(["--config", str(config), "run_arms=[nope]"]) == 2
