@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .config import ConfigError, ModelConfig, _build, save_config, to_dict
+import yaml
+
+from .config import ConfigError, ModelConfig, _build, save_config, to_dict, yaml_load
 from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .policy_eval import EvalConfig, final_metrics, per_task_final
 from .ppo import NLLMixConfig, PPOConfig
@@ -153,6 +155,20 @@ def needs(arms: dict[str, ArmConfig], am_from_rm: bool) -> dict[str, bool]:
     am = "am" in scores or bool(strategies)
     rm = bool(scores & {"rm", "rm-pertask"}) or (am and am_from_rm)
     return {"rm": rm, "am": am, "select": bool(strategies)}
+
+
+def config_drift(saved: dict, planned: dict, prefix: str = "", ignore: tuple[str, ...] = ("resume",)) -> list[str]:
+    """Dotted keys whose values differ between a saved config and the planned one."""
+    keys = []
+    for key in sorted(set(saved) | set(planned)):
+        if key in ignore:
+            continue
+        a, b = saved.get(key), planned.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_drift(a, b, f"{prefix}{key}.", ignore)
+        elif a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
+            keys.append(prefix + key)
+    return keys
 
 
 def deep_merge(base: dict, extra: dict, where: str = "") -> dict:
@@ -274,6 +290,32 @@ class Ablation:
                 if arm.kind != "sft":
                     self.trainer_config(name, arm, seed)
 
+    def check_finished(self) -> None:
+        """A finished stage or run is reused only if it was made with the settings it would be
+        made with now: an edited config must not mix old results into the report silently."""
+        planned: list[tuple[Path, Any]] = []
+        for objective in ("rm", "am"):
+            if self.need[objective]:
+                planned.append((self.score_dir(objective), self.score_config(objective)))
+        unused = {self.score_dir("rm"): ("resume", "am")}  # the RM does not read the AM's loss terms
+        if self.need["select"]:
+            for strategy in {"clustered"} | {a.rehearsal for a in self.arms.values()} - {"none"}:
+                planned.append((self.select_dir(strategy), self.select_config(strategy)))
+        for name, arm in self.arms.items():
+            for seed in self.cfg.seeds:
+                cfg = (_build(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.") if arm.kind == "sft"
+                       else self.trainer_config(name, arm, seed))
+                planned.append((self.run_dir(name, seed), cfg))
+        for run_dir, cfg in planned:
+            done = (run_dir / "summary.json").exists() or (run_dir / "selection_report.json").exists()
+            if done and (run_dir / "config.yaml").exists():
+                as_saved = yaml_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # tuples become lists
+                diff = config_drift(yaml_load((run_dir / "config.yaml").read_text()), as_saved,
+                                    ignore=unused.get(run_dir, ("resume",)))
+                if diff:
+                    raise ConfigError(f"{run_dir} was made with other settings ({', '.join(diff[:5])} differ): "
+                                      "use another out_dir, or delete that run to redo it")
+
     def write_pool(self) -> list[dict]:
         from .data import load_records
         from .testbed.evaluate import limit_per_task
@@ -381,6 +423,7 @@ def run(cfg: AblationConfig) -> dict:
     runner = Ablation(cfg)
     runner.out.mkdir(parents=True, exist_ok=True)
     runner.check()
+    runner.check_finished()
     save_config(cfg, runner.out / "config.yaml")
     print(f"[ablation] arms {', '.join(runner.arms)}; seeds {cfg.seeds}; shared stages: "
           + ", ".join(k for k, v in runner.need.items() if v) + " -> " + str(runner.out))

@@ -133,6 +133,14 @@ def test_rerun_skips_finished_stages_and_runs(ablation, capsys):
     assert "train-rm" not in printed and "select (" not in printed
 
 
+def test_rerun_with_other_settings_is_refused(ablation):
+    cfg, out = ablation
+    with pytest.raises(ConfigError, match=r"arms/rm-ppo-ptx/seed0 was made with other settings \(lr differ"):
+        run(tiny_config(out, "ppo.lr=0.5"))
+    with pytest.raises(ConfigError, match=r"shared/am was made with other settings \(am.margin differ"):
+        run(tiny_config(out, "score.am.margin=3.0"))
+
+
 def test_report_is_filled_from_the_run_directories(ablation):
     from analysis.ablation_report import build_report
 
