@@ -172,6 +172,9 @@ class PPOConfig:
     value_model: Optional[str] = None
     """value-model init: a saved score model directory (default: the reward's model if it is
     one, else the policy backbone with a new head)"""
+    critic_warmup: int = 0
+    """the first N rollouts update only the value model (the policy stays put), so the
+    advantages of the first policy updates do not come from an untrained critic"""
     value_train_layers: Optional[int] = None
     """train only the value model's top N layers and its head (None: all); saves CPU time"""
     ptx: NLLMixConfig = dataclasses.field(default_factory=NLLMixConfig)
@@ -192,6 +195,8 @@ class PPOConfig:
     """continue from the latest checkpoint in out_dir/checkpoints"""
 
     def __post_init__(self):
+        if not 0 <= self.critic_warmup < self.steps:
+            raise ValueError(f"critic_warmup ({self.critic_warmup}) must be in [0, steps)")
         if min(self.steps, self.batch_size, self.mini_batch_size, self.ppo_epochs, self.forward_batch_size) < 1:
             raise ValueError("steps, batch_size, mini_batch_size, ppo_epochs and forward_batch_size must be >= 1")
         if self.batch_size % self.mini_batch_size:
@@ -445,6 +450,7 @@ def train(cfg: PPOConfig) -> dict:
         value_model.eval()
         update_stats: list[dict] = []
         skipped_updates = 0
+        warmup = step < cfg.critic_warmup  # value-only updates: the policy is neither run nor stepped
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch))
             for mb in order.split(cfg.mini_batch_size):
@@ -454,22 +460,26 @@ def train(cfg: PPOConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 # One backward per forward (DDP marks each parameter ready once per backward):
                 # with NLL terms the policy's gradients are all-reduced with the last of them.
-                with accelerator.no_sync(policy) if mixes else contextlib.nullcontext():
-                    mb_logprobs, mb_entropy = response_logprobs(policy, *mb_args, cfg.generation.temperature,
-                                                                with_entropy=True)
+                mb_mixes = {} if warmup else mixes
+                with accelerator.no_sync(policy) if mb_mixes else contextlib.nullcontext():
                     mb_values = response_values(value_model, *mb_args)
-                    pg_loss, pg_stats = policy_loss(mb_logprobs, logprobs[mb], advantages[mb], mb_mask,
-                                                    cfg.cliprange)
                     vf_loss, vf_stats = value_loss(mb_values, values[mb], returns[mb], mb_mask, cfg.cliprange_value)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if warmup:
+                        loss, stats = cfg.vf_coef * vf_loss, {**vf_stats, "policy/critic_warmup": 1.0}
+                    else:
+                        mb_logprobs, mb_entropy = response_logprobs(policy, *mb_args, cfg.generation.temperature,
+                                                                    with_entropy=True)
+                        pg_loss, pg_stats = policy_loss(mb_logprobs, logprobs[mb], advantages[mb], mb_mask,
+                                                        cfg.cliprange)
+                        loss = pg_loss + cfg.vf_coef * vf_loss
+                        stats = {**pg_stats, **vf_stats, "policy/entropy": masked_mean(mb_entropy, mb_mask).item()}
                     accelerator.backward(loss)
-                stats = {**pg_stats, **vf_stats, "policy/entropy": masked_mean(mb_entropy, mb_mask).item()}
                 losses = [loss.detach()]
-                for i, (name, (mix, _)) in enumerate(mixes.items()):
+                for i, (name, (mix, _)) in enumerate(mb_mixes.items()):
                     rows = mix_streams[name].next()
                     demo = encode_demos(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                         max_length=mix.max_length, system_prompt=cfg.generation.system_prompt)
-                    with accelerator.no_sync(policy) if i < len(mixes) - 1 else contextlib.nullcontext():
+                    with accelerator.no_sync(policy) if i < len(mb_mixes) - 1 else contextlib.nullcontext():
                         nll, _ = sequence_nll(policy, demo)
                         accelerator.backward(mix.coef * nll)
                     stats[f"loss/{name}"] = nll.item()

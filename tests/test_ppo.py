@@ -77,6 +77,30 @@ def test_ppo_trains_and_writes_its_contract(reference_run):
     assert max(diffs) > 1e-4
 
 
+def test_critic_warmup_updates_only_the_value_model(tmp_path):
+    from stable_rlhf.config import ModelConfig
+    from stable_rlhf.models import load_policy
+
+    out = tmp_path / "warm"
+    run(out, "steps=2", "critic_warmup=1", "save_every=1", "eval.every=1",
+        "rehearsal.data=" + str(TESTBED / "sft_demos.jsonl"), "rehearsal.coef=1.0")
+    first = torch.load(out / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
+    init, _ = load_policy(ModelConfig(name_or_path="tiny-random"), device="cpu")
+    init_state = init.state_dict()
+    # after the warm-up rollout: the policy is exactly the initial one (no PPO, no rehearsal step) ...
+    assert all(torch.equal(v, init_state[k]) for k, v in first["policy"].items())
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
+    assert rows[0]["policy/critic_warmup"] == 1.0 and "loss/policy" not in rows[0] and "loss/rehearsal" not in rows[0]
+    assert rows[0]["loss/value"] > 0 and rows[0]["optim/grad_norm"] > 0
+    # ... while the value model moved; the second rollout updates both, with the rehearsal term
+    second = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=True)
+    assert any(not torch.equal(a, second["value"][k]) for k, a in first["value"].items())
+    assert any(not torch.equal(v, init_state[k]) for k, v in second["policy"].items())
+    assert "loss/policy" in rows[1] and "loss/rehearsal" in rows[1] and "policy/critic_warmup" not in rows[1]
+    with pytest.raises(ValueError, match="critic_warmup"):
+        ppo.PPOConfig(steps=2, critic_warmup=2)
+
+
 def test_lora_trains_adapters_only_and_starts_at_kl_zero(tmp_path):
     out = tmp_path / "lora"
     run(out, "lora.enabled=true", "lora.r=4", "steps=2", "eval.every=2", "lr=1e-2", "log_with=tensorboard")
