@@ -357,7 +357,8 @@ def build_report(out: Path) -> Path:
         figures["win_lose_tie"] = plot_wlt(index, t2, plots / "win_lose_tie.png")
     figures["gold_vs_kl"] = plot_vs_kl(index, "eval/gold_norm", plots / "gold_vs_kl.png", "eval gold (normalised)")
     figures["proxy_vs_kl"] = plot_vs_kl(index, "eval/proxy", plots / "proxy_vs_kl.png", "eval proxy score (optimised)")
-    figures["forgetting"] = plot_over_steps(index, [("forget/win", "forgetting-set win rate vs SFT")],
+    figures["forgetting"] = plot_over_steps(index, [("forget/win", "forgetting-set win rate vs SFT"),
+                                                    ("forget/lose", "forgetting-set lose rate vs SFT")],
                                             plots / "forgetting.png", "forgetting set (prompts SFT answers well)")
     figures["reward_curves"] = plot_over_steps(index, [("eval/gold_norm", "eval gold (normalised)"),
                                                        ("eval/proxy", "eval proxy score")],
@@ -391,7 +392,7 @@ def build_report(out: Path) -> Path:
         "win_lose_tie": "Win / tie / lose against the SFT policy per arm.",
         "gold_vs_kl": "Gold reward against the KL from the SFT policy, every eval point of every seed.",
         "proxy_vs_kl": "The optimised (proxy) score against KL, one panel per arm (proxies differ in scale).",
-        "forgetting": "Forgetting-set win rate against the SFT policy over training (Figure 1b).",
+        "forgetting": "Forgetting-set win and lose rates against the SFT policy over training (Figure 1b).",
         "reward_curves": "Eval gold reward and eval proxy score over training (mean ± std over seeds).",
     }
     blocks.append(("h2", "Figures"))
