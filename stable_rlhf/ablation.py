@@ -171,12 +171,12 @@ def config_drift(saved: dict, planned: dict, prefix: str = "", ignore: tuple[str
     return keys
 
 
-def deep_merge(base: dict, extra: dict, where: str = "") -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     """``base`` updated by ``extra``, nested mappings merged key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value, f"{where}{key}.")
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
