@@ -269,7 +269,8 @@ class Ablation:
         return result
 
     def check(self) -> None:
-        """Everything a run reads is validated, and every arm's config built, before any model loads."""
+        """Every file a run reads is validated before any model loads (``check_finished`` then
+        builds, and so validates, every stage's and arm's config)."""
         from .data import load_records
         from .rewards import check_reward_inputs
 
@@ -285,10 +286,6 @@ class Ablation:
             if not self.cfg.ptx.data:
                 raise ConfigError("ptx.data: an arm has ptx: true but ptx.data is not set")
             load_records(self.cfg.ptx.data, "sft")
-        for name, arm in self.arms.items():
-            for seed in self.cfg.seeds:
-                if arm.kind != "sft":
-                    self.trainer_config(name, arm, seed)
 
     def check_finished(self) -> None:
         """A finished stage or run is reused only if it was made with the settings it would be
