@@ -134,7 +134,14 @@ class PPOConfig:
     lr: float = 1e-5
     """policy learning rate (AdamW)"""
     value_lr: float = 1e-5
-    """value-model learning rate (its new head, if any, uses 100x)"""
+    """value-model learning rate"""
+    value_head_lr: Optional[float] = None
+    """learning rate of the value model's head (None: value_lr when the value model starts
+    from a score model, 100 x value_lr for a new head)"""
+    value_head_init: Literal["random", "zero"] = "random"
+    """a new value head's weights (the value model does not start from a score model):
+    random (std 1/sqrt(d+1), like a score head) or zero, so V = 0 at the start and the
+    first advantages are the returns rather than returns minus an untrained head's output"""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """constant, or linear decay to 0 over the run"""
     grad_clip: float = 1.0
@@ -202,6 +209,8 @@ class PPOConfig:
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size})")
+        if self.value_head_lr is not None and self.value_head_lr <= 0:
+            raise ValueError(f"value_head_lr ({self.value_head_lr}) must be > 0 (or null for the default)")
         if self.kl_coef < 0 or self.cliprange <= 0 or self.cliprange_value <= 0:
             raise ValueError("kl_coef must be >= 0 and the clip ranges > 0")
         if self.generation.temperature <= 0:
@@ -307,6 +316,10 @@ def train(cfg: PPOConfig) -> dict:
                   "starts from the policy backbone with a new head")
         value_init = None
     value_model, _ = load_score_model(cfg.model, device=device, init_from=value_init)
+    if value_init is None and cfg.value_head_init == "zero":
+        with torch.no_grad():
+            value_model.head.weight.zero_()
+            value_model.head.bias.zero_()
     _freeze_lower_layers(value_model, cfg.value_train_layers)
     value_model.eval()
 
@@ -314,7 +327,8 @@ def train(cfg: PPOConfig) -> dict:
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
               {"params": [p for p in value_model.parameters() if p.requires_grad and id(p) not in head_ids],
                "lr": cfg.value_lr},
-              {"params": list(value_model.head.parameters()), "lr": cfg.value_lr * (1 if value_init else 100)}]
+              {"params": list(value_model.head.parameters()),
+               "lr": cfg.value_head_lr or cfg.value_lr * (1 if value_init else 100)}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], eps=1e-5)
     updates_per_step = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     scheduler = (get_constant_schedule(optimizer) if cfg.lr_schedule == "constant"

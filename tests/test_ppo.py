@@ -101,6 +101,19 @@ def test_critic_warmup_updates_only_the_value_model(tmp_path):
         ppo.PPOConfig(steps=2, critic_warmup=2)
 
 
+def test_a_zero_value_head_starts_at_v_zero_with_its_own_lr(tmp_path):
+    out = tmp_path / "zero_head"
+    run(out, "steps=1", "save_every=1", "eval.every=1", "value_head_init=zero", "value_head_lr=5e-4")
+    row = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r)
+    # V = 0 everywhere in the first rollout: no better than a constant, exactly
+    assert row["value/mean"] == 0.0 and row["value/explained_variance"] == pytest.approx(0.0, abs=1e-12)
+    state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-3, 1e-3, 5e-4]
+    assert state["value"]["head.weight"].abs().max() > 0  # one update moved the head off zero
+    with pytest.raises(ValueError, match="value_head_lr"):
+        ppo.PPOConfig(value_head_lr=0.0)
+
+
 def test_lora_trains_adapters_only_and_starts_at_kl_zero(tmp_path):
     out = tmp_path / "lora"
     run(out, "lora.enabled=true", "lora.r=4", "steps=2", "eval.every=2", "lr=1e-2", "log_with=tensorboard")
