@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     from stable_rlhf.data import read_jsonl
     from stable_rlhf.generation import generate
     from stable_rlhf.losses import gae, kl_penalised_rewards, masked_whiten, policy_loss, value_loss
-    from stable_rlhf.models import default_device, load_policy, load_score_model, resolve_dtype
-    from stable_rlhf.ppo import LoRAConfig, _apply_lora, response_logprobs, response_values
+    from stable_rlhf.models import apply_lora, default_device, load_policy, load_score_model, resolve_dtype
+    from stable_rlhf.ppo import LoRAConfig, response_logprobs, response_values
     from stable_rlhf.rewards import GoldReward
 
     device = torch.device(args.device) if args.device else default_device()
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     policy, tokenizer = load_policy(cfg, device=device)
     reference = None
     if args.lora:
-        policy = _apply_lora(policy, LoRAConfig(enabled=True))
+        policy = apply_lora(policy, LoRAConfig(enabled=True))
     else:
         reference, _ = load_policy(cfg, device=device)
         reference.requires_grad_(False)

@@ -37,7 +37,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .config import ConfigError, ModelConfig, _build, save_config, to_dict, yaml_load
+from .config import ConfigError, ModelConfig, build_config, save_config, to_dict, yaml_load
 from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .policy_eval import EvalConfig, final_metrics, per_task_final
 from .ppo import NLLMixConfig, PPOConfig
@@ -229,7 +229,7 @@ class Ablation:
             "resume": (self.score_dir(objective) / "checkpoint").is_dir()})
         if objective == "am" and self.cfg.am_from_rm:
             data["init_from"] = str(self.score_dir("rm") / "model")
-        return _build(ScoreTrainConfig, data, "score.")
+        return build_config(ScoreTrainConfig, data, "score.")
 
     def select_config(self, strategy: str) -> SelectConfig:
         data = deep_merge(to_dict(self.cfg.select), {
@@ -238,7 +238,7 @@ class Ablation:
             "reward": {"source": "am", "path": self.score_path("am")}})
         if strategy != "clustered":
             data["reuse_samples"] = str(self.select_dir("clustered"))
-        return _build(SelectConfig, data, "select.")
+        return build_config(SelectConfig, data, "select.")
 
     def trainer_config(self, name: str, arm: ArmConfig, seed: int):
         run_dir = self.run_dir(name, seed)
@@ -248,7 +248,7 @@ class Ablation:
                   "resume": (run_dir / "checkpoints").is_dir()}
         if arm.kind == "rejection-sampling":
             data = deep_merge(deep_merge(to_dict(self.cfg.rejection_sampling), common), arm.overrides)
-            return _build(RejectionSamplingConfig, data, f"arms.{name}: ")
+            return build_config(RejectionSamplingConfig, data, f"arms.{name}: ")
         data = deep_merge(to_dict(self.cfg.ppo), common)
         data["ptx"] = to_dict(self.cfg.ptx) if arm.ptx else {**data["ptx"], "data": None}
         if arm.rehearsal != "none":
@@ -257,7 +257,7 @@ class Ablation:
             data["rehearsal"] = {**data["rehearsal"], "data": str(sel / "rehearsal.jsonl")}
         else:
             data["rehearsal"] = {**data["rehearsal"], "data": None}
-        return _build(PPOConfig, deep_merge(data, arm.overrides), f"arms.{name}: ")
+        return build_config(PPOConfig, deep_merge(data, arm.overrides), f"arms.{name}: ")
 
     # Stages --------------------------------------------------------------------------
     def _timed(self, key: str, fn) -> Any:
@@ -300,7 +300,7 @@ class Ablation:
                 planned.append((self.select_dir(strategy), self.select_config(strategy)))
         for name, arm in self.arms.items():
             for seed in self.cfg.seeds:
-                cfg = (_build(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.") if arm.kind == "sft"
+                cfg = (build_config(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.") if arm.kind == "sft"
                        else self.trainer_config(name, arm, seed))
                 planned.append((self.run_dir(name, seed), cfg))
         for run_dir, cfg in planned:
@@ -367,7 +367,7 @@ class Ablation:
         run_dir = self.run_dir(name, seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        ev = _build(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.")
+        ev = build_config(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.")
         evaluator = PolicyEvaluator(ev, run_dir, proxy=None)
         evaluator.prepare_reference(None, None, None)
         device = default_device()

@@ -90,7 +90,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str, default: Any = None) -> A
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return _build(tp, value, f"{key}.", where, default if isinstance(default, tp) else None)
+        return build_config(tp, value, f"{key}.", where, default if isinstance(default, tp) else None)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
@@ -127,7 +127,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str, default: Any = None) -> A
     raise ConfigError(f"{where}{key}: unsupported field type {tp!r}")
 
 
-def _build(cls: type[T], data: dict, prefix: str = "", where: str = "", base: Any = None) -> T:
+def build_config(cls: type[T], data: dict, prefix: str = "", where: str = "", base: Any = None) -> T:
     """``cls`` from ``data``; fields not in ``data`` come from ``base`` (an instance: the
     parent field's default, e.g. ``field(default_factory=lambda: EvalConfig(every=1))``),
     else from ``cls``'s own defaults."""
@@ -229,7 +229,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, value = parse_override(text)
         _check_override_keys(cls, key)
         _set_dotted(data, key, value)
-    return _build(cls, data, "", where)
+    return build_config(cls, data, "", where)
 
 
 def to_dict(cfg: Any) -> dict:

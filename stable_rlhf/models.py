@@ -575,6 +575,45 @@ def load_score_model(
 # --------------------------------------------------------------------------- embedder
 
 
+def freeze_lower_layers(model, train_layers: int | None) -> None:
+    """Freeze a ``ScoreModel``'s backbone but for its top ``train_layers`` layers and final norm
+    (None: everything trains; 0: only the head)."""
+    if train_layers is None:
+        return
+    layers = None
+    for name in ("layers", "layer", "h", "blocks"):
+        for module in model.backbone.modules():
+            if isinstance(getattr(module, name, None), torch.nn.ModuleList):
+                layers = getattr(module, name)
+                break
+        if layers is not None:
+            break
+    if layers is None:
+        raise ValueError("train_layers: could not find the backbone's layer list")
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - train_layers :] if train_layers else []:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    # the final norm after the last layer belongs to the trained top
+    for name in ("norm", "final_layernorm", "ln_f"):
+        norm = getattr(getattr(model.backbone, "base_model", model.backbone), name, None)
+        if isinstance(norm, torch.nn.Module):
+            for p in norm.parameters():
+                p.requires_grad_(True)
+
+
+def apply_lora(model, cfg):
+    """Wrap a causal LM in peft LoRA adapters as a ``ppo.LoRAConfig`` says (the reference policy is
+    the same network with its adapters disabled)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
+        [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    return get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
+
+
 def load_embedder(name_or_path: str = MINILM, device: torch.device | str | None = None) -> "SentenceTransformer":
     """A sentence-transformers model: 'minilm' is the packaged all-MiniLM-L6-v2 (384-d),
     anything else a sentence-transformers directory or hub id."""

@@ -257,15 +257,6 @@ def _chunks(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _apply_lora(model, cfg: LoRAConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
-    return get_peft_model(model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -273,8 +264,7 @@ def train(cfg: PPOConfig) -> dict:
     from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
     from .data import load_records
-    from .models import free_memory, load_policy, load_score_model, make_accelerator
-    from .reward_model import _freeze_lower_layers
+    from .models import apply_lora, free_memory, freeze_lower_layers, load_policy, load_score_model, make_accelerator
 
     start_time = time.time()
     out = Path(cfg.out_dir)
@@ -298,7 +288,7 @@ def train(cfg: PPOConfig) -> dict:
     policy, tokenizer = load_policy(cfg.model, device=device)
     reference = None
     if cfg.lora.enabled:
-        policy = _apply_lora(policy, cfg.lora)
+        policy = apply_lora(policy, cfg.lora)
     else:
         reference, _ = load_policy(cfg.model, device=device)
         reference.requires_grad_(False)
@@ -320,7 +310,7 @@ def train(cfg: PPOConfig) -> dict:
         with torch.no_grad():
             value_model.head.weight.zero_()
             value_model.head.bias.zero_()
-    _freeze_lower_layers(value_model, cfg.value_train_layers)
+    freeze_lower_layers(value_model, cfg.value_train_layers)
     value_model.eval()
 
     head_ids = {id(p) for p in value_model.head.parameters()}

@@ -341,36 +341,10 @@ def epoch_order(tasks: list[str], seed: int, stratify: bool) -> list[int]:
     return [i for _, i in sorted(keyed)]
 
 
-def _freeze_lower_layers(model, train_layers: int | None) -> None:
-    if train_layers is None:
-        return
-    layers = None
-    for name in ("layers", "layer", "h", "blocks"):
-        for module in model.backbone.modules():
-            if isinstance(getattr(module, name, None), torch.nn.ModuleList):
-                layers = getattr(module, name)
-                break
-        if layers is not None:
-            break
-    if layers is None:
-        raise ValueError("train_layers: could not find the backbone's layer list")
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
-    for layer in list(layers)[len(layers) - train_layers :] if train_layers else []:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-    # the final norm after the last layer belongs to the trained top
-    for name in ("norm", "final_layernorm", "ln_f"):
-        norm = getattr(getattr(model.backbone, "base_model", model.backbone), name, None)
-        if isinstance(norm, torch.nn.Module):
-            for p in norm.parameters():
-                p.requires_grad_(True)
-
-
 def train(cfg: ScoreTrainConfig) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
-    from .models import load_score_model, make_accelerator
+    from .models import freeze_lower_layers, load_score_model, make_accelerator
 
     start_time = time.time()
     out = Path(cfg.out_dir)
@@ -387,7 +361,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
     seed_everything(cfg.seed)
     accelerator = make_accelerator(seed=cfg.seed)
     model, tokenizer = load_score_model(cfg.model, device=accelerator.device, init_from=cfg.init_from)
-    _freeze_lower_layers(model, cfg.train_layers)
+    freeze_lower_layers(model, cfg.train_layers)
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
