@@ -1,6 +1,18 @@
-"""Run-directory plumbing shared by the policy trainers (PPO, rejection sampling):
-checkpoints of the trainable state, resume bookkeeping, fault injection for the resume
-tests, and logging helpers."""
+"""The run layer every trainer (sft, train-rm/am, ppo, rejection-sampling) stands on.
+
+A ``Run`` owns one run directory::
+
+    out_dir/config.yaml             the resolved config
+    out_dir/metrics.jsonl           one row per step / eval point (also TensorBoard / wandb)
+    out_dir/checkpoints/step-N/     atomic checkpoints, every rank's RNG state, newest kept
+    out_dir/summary.json            written last, atomically
+
+and the life of a run: ``start`` (fresh: clear what an earlier run left; resume: the latest
+complete checkpoint, with the metrics logged after it dropped), ``log``, ``checkpoint``,
+``finish``. ``NonFiniteGuard`` and ``clipped_step`` are the one non-finite policy: an
+update whose loss or gradient norm is not finite on any rank is skipped and counted, and
+too many bad steps in a row stop the run. ``fault_point`` SIGKILLs the process where a
+resume test asks it to."""
 
 from __future__ import annotations
 
@@ -11,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_jsonl, read_jsonl
+from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 
 def trainable_state(module) -> dict:
@@ -141,3 +153,126 @@ def save_policy(model, tokenizer, path: Path) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+# --------------------------------------------------------------------------- the run layer
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``max_bad_steps`` consecutive non-finite steps; a checkpoint is saved first."""
+
+
+def all_finite(accelerator, *values) -> bool:
+    """Whether every value (losses, gradient norms, scores) is finite on every rank: all ranks
+    must take the same branch, or DDP's collectives would hang."""
+    ok = all(bool(torch.isfinite(torch.as_tensor(v).detach().float()).all()) for v in values)
+    flag = torch.tensor([float(ok)], device=accelerator.device)
+    return bool(accelerator.gather(flag).min().item())
+
+
+def clipped_step(accelerator, optimizer, params, grad_clip: float, loss, scheduler=None) -> float | None:
+    """Clip the gradients, then step the optimiser (and scheduler) unless the loss or the
+    gradient norm is not finite on some rank; returns the gradient norm, or None for a
+    skipped update (its gradients are dropped)."""
+    grad_norm = accelerator.clip_grad_norm_(params, grad_clip)
+    if not all_finite(accelerator, loss, grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(grad_norm)
+
+
+class NonFiniteGuard:
+    """Counts consecutive steps that had to skip something non-finite; ``bad`` says when the
+    run must stop. Its count is part of the checkpoint, so a resumed run stops where the
+    uninterrupted one would."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps, self.bad_in_row = max_bad_steps, 0
+
+    def end_step(self, bad: bool) -> bool:
+        """Record whether this step skipped anything; True when the run must stop."""
+        self.bad_in_row = self.bad_in_row + 1 if bad else 0
+        return self.bad_in_row >= self.max_bad_steps
+
+    def error(self, step: int, out: Path, what: str = "scores or losses") -> NonFiniteError:
+        return NonFiniteError(f"{self.bad_in_row} consecutive steps with non-finite {what}; stopped at step "
+                              f"{step}; last checkpoint in {out / 'checkpoints'}")
+
+    def state_dict(self) -> dict:
+        return {"bad_in_row": self.bad_in_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad_in_row = int(state["bad_in_row"])
+
+
+class Run:
+    """One run directory and its accelerator (see the module docstring).
+
+    ``cfg`` is the stage's config: it needs ``out_dir`` and ``seed``; ``log_with`` is
+    'tensorboard', 'wandb' (when installed) or 'none'. ``fresh_files`` / ``fresh_dirs`` are
+    what else a fresh run must clear (samples, kept sets, a final model)."""
+
+    def __init__(self, cfg, name: str, *, log_with: str = "none", keep_checkpoints: int = 1,
+                 fresh_files: tuple[str, ...] = (), fresh_dirs: tuple[str, ...] = ()):
+        from .models import make_accelerator
+        from .rng import seed_everything
+
+        self.cfg, self.name, self.log_with, self.keep = cfg, name, log_with, keep_checkpoints
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.fresh_files = ("metrics.jsonl", "summary.json", *fresh_files)
+        self.fresh_dirs = ("checkpoints", *fresh_dirs)
+        seed_everything(cfg.seed)
+        self.accelerator = make_accelerator(seed=cfg.seed, log_with=None if log_with == "none" else log_with,
+                                            project_dir=str(self.out / "tensorboard"))
+        self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.log = RunLog(self.accelerator, self.out)
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(f"[{self.name}] {message}")
+
+    def start(self, resume: bool) -> dict | None:
+        """The latest complete checkpoint's state when resuming (this rank's RNG restored, the
+        metrics logged after it dropped), else None after clearing an earlier run's files.
+        Saves the resolved config and starts the trackers either way."""
+        from .config import save_config, to_dict
+        from .rng import set_rng_state
+
+        ckpt = latest_checkpoint(self.out) if resume else None
+        if self.is_main:
+            if ckpt is None:
+                clear_run_dir(self.out, files=self.fresh_files, dirs=self.fresh_dirs)
+            remove_partial_checkpoints(self.out)
+            save_config(self.cfg, self.out / "config.yaml")
+        state = None
+        if ckpt is not None:
+            state = torch.load(ckpt / "state.pt", weights_only=True)
+            set_rng_state(state["rng"][self.rank])
+            if self.is_main:
+                truncate_metrics(self.out / "metrics.jsonl", state["step"])
+            self.print(f"resumed from {ckpt} (step {state['step']})")
+        self.accelerator.wait_for_everyone()
+        if self.log_with != "none":
+            self.accelerator.init_trackers(self.name, config=flat_hparams(to_dict(self.cfg)))
+        return state
+
+    def checkpoint(self, step: int, state: dict) -> None:
+        """``checkpoints/step-N/state.pt`` with ``state``, the step and every rank's RNG (all ranks call)."""
+        save_checkpoint(self.accelerator, self.out, step, {**state, "step": step}, self.keep)
+
+    def progress(self, total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=self.name, disable=not self.is_main)
+
+    def finish(self, summary: dict) -> dict:
+        """summary.json (main process), trackers closed; returns the summary."""
+        if self.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
+        self.accelerator.end_training()
+        return summary
