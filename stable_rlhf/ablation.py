@@ -21,10 +21,14 @@ Arms (``out_dir/arms/<name>/seed<N>/``) are named in the config; each is one of
                          PPO prompts are then that selector's D_PPO)
     rejection-sampling   best-of-n fine-tuning on ``score``
 
-A stage or run with a summary.json is finished and skipped; an interrupted trainer run
-resumes from its checkpoint, so running the command again continues where it stopped.
-``ablation.json`` indexes the runs for ``analysis/ablation_report.py``, which builds the
-report from the run directories alone.
+``build_plan(cfg)`` turns the config into a ``Plan``: the stages in the order they run, each
+with its name (``shared/rm``, ``arms/am-ppo/seed0``: its directory under out_dir), its built and
+validated config, the stages it reads and the files that mark it finished. It trains nothing and
+loads no model. ``execute(plan)`` validates every input file and every finished stage's saved
+config, then runs the stages: a finished one (its summary.json) is skipped, one made with other
+settings is refused, an interrupted trainer run resumes from its checkpoint, so running the
+command again continues where it stopped. ``ablation.json`` indexes the runs for
+``analysis/ablation_report.py``, which builds the report from the run directories alone.
 """
 
 from __future__ import annotations
@@ -148,6 +152,62 @@ class AblationConfig:
 # --------------------------------------------------------------------------- plan
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the ablation: what runs, with which config, on whose outputs, and where it writes."""
+
+    name: str
+    """``shared/rm``, ``arms/am-ppo/seed0``, ...: its directory under out_dir and its key in timings.json"""
+    kind: str
+    """pool | score | rm-pertask | reference | select | sft | ppo | rejection-sampling"""
+    out: Path
+    """the directory it writes (the pool: its file)"""
+    config: Any = None
+    """the config it runs with, built and so validated (None: the pool and the per-task RM, which take
+    their inputs from the ablation config and the RM stage)"""
+    inputs: tuple[str, ...] = ()
+    """the stages whose outputs it reads"""
+    done: tuple[str, ...] = ()
+    """files under ``out`` that are all there once it has finished (none: it runs every time)"""
+    unread: tuple[str, ...] = ("resume",)
+    """config keys it does not read: a finished stage made with other values of these is still valid"""
+
+
+@dataclasses.dataclass
+class Plan:
+    """The ablation as stages in the order they run; each shared stage appears once."""
+
+    cfg: AblationConfig
+    stages: list[Stage]
+
+    def __post_init__(self):
+        made: set[str] = set()
+        for stage in self.stages:
+            if stage.name in made:
+                raise ValueError(f"stage {stage.name} is planned twice")
+            missing = [name for name in stage.inputs if name not in made]
+            if missing:
+                raise ValueError(f"stage {stage.name} reads {missing}, which no earlier stage makes")
+            made.add(stage.name)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def arms(self) -> dict[str, ArmConfig]:
+        return self.cfg.selected_arms()
+
+    def __getitem__(self, name: str) -> Stage:
+        return {stage.name: stage for stage in self.stages}[name]
+
+
+SCORE_STAGE: dict[str, Optional[str]] = {"gold": None, "rm": "shared/rm", "rm-pertask": "shared/rm", "am": "shared/am"}
+"""The shared stage whose model a score reads (rm-pertask: the RM, z-scored per task by the trainer with
+the RM's training statistics)."""
+POOL, POOL_FILE, REFERENCE = "shared/prompt_pool", "shared/prompt_pool.jsonl", "shared/eval_reference"
+
+
 def needs(arms: dict[str, ArmConfig], am_from_rm: bool) -> dict[str, bool]:
     """Which shared stages the arms need."""
     scores = {a.score for a in arms.values() if a.kind != "sft"}
@@ -182,261 +242,285 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-class Ablation:
-    """The runner: paths of the shared stages and arm runs, and how each is built."""
+def arm_stage_name(arm: str, seed: int) -> str:
+    return f"arms/{arm}/seed{seed}"
 
-    def __init__(self, cfg: AblationConfig):
-        self.cfg = cfg
-        self.out = Path(cfg.out_dir)
-        self.shared = self.out / "shared"
-        self.arms = cfg.selected_arms()
-        self.need = needs(self.arms, cfg.am_from_rm)
-        self.timings_path = self.out / "timings.json"
 
-    # Paths ---------------------------------------------------------------------------
-    def score_dir(self, kind: str) -> Path:
-        return self.shared / kind
+def model_path(cfg: AblationConfig, score: str) -> Optional[str]:
+    """reward.path of a score source: the model its shared stage trains (None: the gold reward)."""
+    stage = SCORE_STAGE[score]
+    return None if stage is None else str(Path(cfg.out_dir) / stage / "model")
 
-    def score_path(self, score: str) -> Optional[str]:
-        """reward.path of a score source (rm-pertask is the RM z-scored per task)."""
-        return None if score == "gold" else str(self.score_dir("rm" if score == "rm-pertask" else score) / "model")
 
-    def select_dir(self, strategy: str) -> Path:
-        return self.shared / f"select-{strategy}"
+def eval_config(cfg: AblationConfig, seed_offset: int | None = None) -> dict:
+    """Every run's eval settings, judged against the shared SFT reference answers."""
+    ev = to_dict(cfg.eval)
+    ev["reference_dir"] = str(Path(cfg.out_dir) / REFERENCE)
+    if seed_offset is not None:
+        ev["seed"] = cfg.eval.seed + seed_offset
+    return ev
 
-    def run_dir(self, arm: str, seed: int) -> Path:
-        return self.out / "arms" / arm / f"seed{seed}"
 
-    @property
-    def pool(self) -> Path:
-        return self.shared / "prompt_pool.jsonl"
+def score_stage(cfg: AblationConfig, objective: str) -> Stage:
+    """The shared RM or AM (train-rm / train-am); with ``am_from_rm`` the AM starts from the RM."""
+    name = f"shared/{objective}"
+    out = Path(cfg.out_dir) / name
+    data = deep_merge(to_dict(cfg.score), {"objective": objective, "seed": cfg.score_seed, "out_dir": str(out),
+                                           "resume": False})  # the runner resumes an interrupted one
+    inputs: tuple[str, ...] = ()
+    if objective == "am" and cfg.am_from_rm:
+        data["init_from"] = model_path(cfg, "rm")
+        inputs = ("shared/rm",)
+    unread = ("resume", "am") if objective == "rm" else ("resume",)  # the RM does not read the AM's loss terms
+    return Stage(name, "score", out, build_config(ScoreTrainConfig, data, "score."), inputs, ("summary.json",),
+                 unread)
 
-    @property
-    def reference_dir(self) -> Path:
-        return self.shared / "eval_reference"
 
-    # Configs -------------------------------------------------------------------------
-    def eval_config(self, seed_offset: int | None = None) -> dict:
-        ev = to_dict(self.cfg.eval)
-        ev["reference_dir"] = str(self.reference_dir)
-        if seed_offset is not None:
-            ev["seed"] = self.cfg.eval.seed + seed_offset
-        return ev
+def select_stage(cfg: AblationConfig, strategy: str) -> Stage:
+    """Selective Rehearsal's split of the pool into D_R and D_PPO, scored with the shared AM."""
+    name = f"shared/select-{strategy}"
+    out = Path(cfg.out_dir) / name
+    data = deep_merge(to_dict(cfg.select), {
+        "prompts": str(Path(cfg.out_dir) / POOL_FILE), "limit_per_task": None,
+        "out_dir": str(out), "strategy": strategy, "model": to_dict(cfg.model),
+        "reward": {"source": "am", "path": model_path(cfg, "am")}})
+    inputs: tuple[str, ...] = (POOL, "shared/am")
+    if strategy != "clustered":  # the ablation selectors reuse the clustered selector's samples
+        data["reuse_samples"] = str(Path(cfg.out_dir) / "shared" / "select-clustered")
+        inputs += ("shared/select-clustered",)
+    return Stage(name, "select", out, build_config(SelectConfig, data, "select."), inputs,
+                 ("selection_report.json",))
 
-    def score_config(self, objective: str) -> ScoreTrainConfig:
-        data = deep_merge(to_dict(self.cfg.score), {
-            "objective": objective, "seed": self.cfg.score_seed, "out_dir": str(self.score_dir(objective)),
-            "resume": (self.score_dir(objective) / "checkpoint").is_dir()})
-        if objective == "am" and self.cfg.am_from_rm:
-            data["init_from"] = str(self.score_dir("rm") / "model")
-        return build_config(ScoreTrainConfig, data, "score.")
 
-    def select_config(self, strategy: str) -> SelectConfig:
-        data = deep_merge(to_dict(self.cfg.select), {
-            "prompts": str(self.pool), "limit_per_task": None, "out_dir": str(self.select_dir(strategy)),
-            "strategy": strategy, "model": to_dict(self.cfg.model),
-            "reward": {"source": "am", "path": self.score_path("am")}})
-        if strategy != "clustered":
-            data["reuse_samples"] = str(self.select_dir("clustered"))
-        return build_config(SelectConfig, data, "select.")
+def trainer_config(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int):
+    """The PPO or rejection-sampling config of one arm and seed: the shared sections, this arm's
+    score, PPO prompts, ptx and rehearsal data, then the arm's own overrides."""
+    common = {"model": to_dict(cfg.model), "eval": eval_config(cfg), "seed": seed, "resume": False,
+              "out_dir": str(Path(cfg.out_dir) / arm_stage_name(name, seed)),
+              "prompts": str(Path(cfg.out_dir) / POOL_FILE),
+              "reward": {"source": arm.score, "path": model_path(cfg, arm.score)}}
+    if arm.kind == "rejection-sampling":
+        data = deep_merge(deep_merge(to_dict(cfg.rejection_sampling), common), arm.overrides)
+        return build_config(RejectionSamplingConfig, data, f"arms.{name}: ")
+    if arm.ptx and not cfg.ptx.data:
+        raise ConfigError(f"arms.{name}: ptx: true but ptx.data is not set")
+    data = deep_merge(to_dict(cfg.ppo), common)
+    data["ptx"] = to_dict(cfg.ptx) if arm.ptx else {**data["ptx"], "data": None}
+    data["rehearsal"] = {**data["rehearsal"], "data": None}
+    if arm.rehearsal != "none":  # rehearse the selector's D_R, train on its D_PPO
+        selection = Path(cfg.out_dir) / "shared" / f"select-{arm.rehearsal}"
+        data["prompts"] = str(selection / "ppo_prompts.jsonl")
+        data["rehearsal"]["data"] = str(selection / "rehearsal.jsonl")
+    return build_config(PPOConfig, deep_merge(data, arm.overrides), f"arms.{name}: ")
 
-    def trainer_config(self, name: str, arm: ArmConfig, seed: int):
-        run_dir = self.run_dir(name, seed)
-        common = {"model": to_dict(self.cfg.model), "eval": self.eval_config(), "seed": seed,
-                  "out_dir": str(run_dir), "prompts": str(self.pool),
-                  "reward": {"source": arm.score, "path": self.score_path(arm.score)},
-                  "resume": (run_dir / "checkpoints").is_dir()}
-        if arm.kind == "rejection-sampling":
-            data = deep_merge(deep_merge(to_dict(self.cfg.rejection_sampling), common), arm.overrides)
-            return build_config(RejectionSamplingConfig, data, f"arms.{name}: ")
-        data = deep_merge(to_dict(self.cfg.ppo), common)
-        data["ptx"] = to_dict(self.cfg.ptx) if arm.ptx else {**data["ptx"], "data": None}
-        if arm.rehearsal != "none":
-            sel = self.select_dir(arm.rehearsal)
-            data["prompts"] = str(sel / "ppo_prompts.jsonl")
-            data["rehearsal"] = {**data["rehearsal"], "data": str(sel / "rehearsal.jsonl")}
-        else:
-            data["rehearsal"] = {**data["rehearsal"], "data": None}
-        return build_config(PPOConfig, deep_merge(data, arm.overrides), f"arms.{name}: ")
 
-    # Stages --------------------------------------------------------------------------
-    def _timed(self, key: str, fn) -> Any:
-        t0 = time.time()
-        result = fn()
-        timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
-        timings[key] = round(time.time() - t0, 1)
-        atomic_write_json(self.timings_path, timings)
-        return result
+def arm_stage(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int) -> Stage:
+    """One arm at one seed; the sft arm resamples the SFT policy with eval seed + 1 + seed."""
+    stage = arm_stage_name(name, seed)
+    out = Path(cfg.out_dir) / stage
+    if arm.kind == "sft":
+        config = build_config(EvalConfig, eval_config(cfg, seed_offset=1 + seed), "eval.")
+        return Stage(stage, "sft", out, config, (REFERENCE,), ("summary.json",))
+    prompts = POOL if arm.rehearsal == "none" else f"shared/select-{arm.rehearsal}"
+    inputs = tuple(i for i in (prompts, SCORE_STAGE[arm.score], REFERENCE) if i is not None)
+    return Stage(stage, arm.kind, out, trainer_config(cfg, name, arm, seed), inputs, ("summary.json",))
 
-    def check(self) -> None:
-        """Every file a run reads is validated before any model loads (``check_finished`` then
-        builds, and so validates, every stage's and arm's config)."""
-        from .data import load_records
-        from .rewards import check_reward_inputs
 
-        records = load_records(self.cfg.prompts, "prompt")
-        check_reward_inputs(RewardConfig(source="gold"), records, self.cfg.prompts)  # eval is by gold
-        load_records(self.cfg.eval.prompts, "prompt")
-        if self.cfg.eval.forget_prompts:
-            load_records(self.cfg.eval.forget_prompts, "prompt")
-        if self.need["rm"] or self.need["am"]:
-            load_records(self.cfg.score.train_data, self.cfg.score.data_kind)
-            load_records(self.cfg.score.eval_data, self.cfg.score.data_kind)
-        if any(a.ptx for a in self.arms.values()):
-            if not self.cfg.ptx.data:
-                raise ConfigError("ptx.data: an arm has ptx: true but ptx.data is not set")
-            load_records(self.cfg.ptx.data, "sft")
+def build_plan(cfg: AblationConfig) -> Plan:
+    """The stages in the order they run: the prompt pool, the score models the arms need, the SFT
+    reference answers and the selections, then every arm at the first seed, every arm at the next...
+    Every config is built, and so validated, here; nothing is read, trained or loaded."""
+    out = Path(cfg.out_dir)
+    arms = cfg.selected_arms()
+    need = needs(arms, cfg.am_from_rm)
+    stages = [Stage(POOL, "pool", out / POOL_FILE)]
+    stages += [score_stage(cfg, objective) for objective in ("rm", "am") if need[objective]]
+    if need["rm"]:  # Table 1's per-task-normalised RM: the RM's held-out scores, z-scored per task
+        stages.append(Stage("shared/rm-pertask", "rm-pertask", out / "shared" / "rm-pertask",
+                            inputs=("shared/rm",), done=("summary.json",)))
+    sets = ("eval", "forget") if cfg.eval.forget_prompts else ("eval",)
+    stages.append(Stage(REFERENCE, "reference", out / REFERENCE, cfg.eval,
+                        done=tuple(f"eval_reference_{s}.jsonl" for s in sets)))
+    if need["select"]:
+        strategies = sorted({a.rehearsal for a in arms.values()} - {"none", "clustered"})
+        stages += [select_stage(cfg, strategy) for strategy in ("clustered", *strategies)]
+    stages += [arm_stage(cfg, name, arm, seed) for seed in cfg.seeds for name, arm in arms.items()]
+    return Plan(cfg, stages)
 
-    def check_finished(self) -> None:
-        """A finished stage or run is reused only if it was made with the settings it would be
-        made with now: an edited config must not mix old results into the report silently."""
-        planned: list[tuple[Path, Any]] = []
-        for objective in ("rm", "am"):
-            if self.need[objective]:
-                planned.append((self.score_dir(objective), self.score_config(objective)))
-        unused = {self.score_dir("rm"): ("resume", "am")}  # the RM does not read the AM's loss terms
-        if self.need["select"]:
-            for strategy in {"clustered"} | {a.rehearsal for a in self.arms.values()} - {"none"}:
-                planned.append((self.select_dir(strategy), self.select_config(strategy)))
-        for name, arm in self.arms.items():
-            for seed in self.cfg.seeds:
-                cfg = (build_config(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.") if arm.kind == "sft"
-                       else self.trainer_config(name, arm, seed))
-                planned.append((self.run_dir(name, seed), cfg))
-        for run_dir, cfg in planned:
-            done = (run_dir / "summary.json").exists() or (run_dir / "selection_report.json").exists()
-            if done and (run_dir / "config.yaml").exists():
-                as_saved = yaml_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # tuples become lists
-                diff = config_drift(yaml_load((run_dir / "config.yaml").read_text()), as_saved,
-                                    ignore=unused.get(run_dir, ("resume",)))
-                if diff:
-                    raise ConfigError(f"{run_dir} was made with other settings ({', '.join(diff[:5])} differ): "
-                                      "use another out_dir, or delete that run to redo it")
 
-    def write_pool(self) -> list[dict]:
-        from .data import load_records
-        from .testbed.evaluate import limit_per_task
+# --------------------------------------------------------------------------- runner
 
-        records = limit_per_task(load_records(self.cfg.prompts, "prompt"), self.cfg.prompts_per_task)
-        if not self.pool.exists() or read_jsonl(self.pool) != records:
-            atomic_write_jsonl(self.pool, records)
-        return records
 
-    def score_models(self) -> None:
-        from .reward_model import per_task_normalised_run, train
+TRAINERS = {"score": "reward_model", "select": "selection", "ppo": "ppo", "rejection-sampling": "rejection_sampling"}
+"""The module whose ``train(cfg)`` runs a stage of this kind."""
+CHECKPOINTS = {"score": "checkpoint", "ppo": "checkpoints", "rejection-sampling": "checkpoints"}
+"""Where a trainer keeps its checkpoints: a stage that has them was interrupted and resumes."""
 
-        for objective in ("rm", "am"):
-            if self.need[objective] and not (self.score_dir(objective) / "summary.json").exists():
-                print(f"[ablation] shared: train-{objective} -> {self.score_dir(objective)}")
-                self._timed(f"shared/{objective}", lambda: train(self.score_config(objective)))
-        if self.need["rm"] and not (self.score_dir("rm-pertask") / "summary.json").exists():
-            per_task_normalised_run(self.score_dir("rm"), self.score_dir("rm-pertask"))
 
-    def eval_reference(self) -> None:
-        from .models import default_device, free_memory, load_policy
-        from .policy_eval import PolicyEvaluator
+def finished(stage: Stage) -> bool:
+    return bool(stage.done) and all((stage.out / name).exists() for name in stage.done)
 
-        evaluator = PolicyEvaluator(self.cfg.eval, self.reference_dir, proxy=None)
-        if all((self.reference_dir / f"eval_reference_{s}.jsonl").exists() for s in evaluator.sets):
-            return
-        print(f"[ablation] shared: the SFT policy's eval answers -> {self.reference_dir}")
 
-        def sample():
-            device = default_device()
-            model, tokenizer = load_policy(self.cfg.model, device=device)
-            evaluator.prepare_reference(model, tokenizer, device)
-            del model
-            free_memory()
+def check_inputs(plan: Plan) -> None:
+    """Every data file a stage reads is validated before any stage runs (the configs were
+    validated when the plan was built)."""
+    from .data import load_records
+    from .rewards import check_reward_inputs
 
-        self._timed("shared/eval_reference", sample)
+    cfg = plan.cfg
+    records = load_records(cfg.prompts, "prompt")
+    check_reward_inputs(RewardConfig(source="gold"), records, cfg.prompts)  # every arm is evaluated by gold
+    load_records(cfg.eval.prompts, "prompt")
+    if cfg.eval.forget_prompts:
+        load_records(cfg.eval.forget_prompts, "prompt")
+    files: list[tuple[str, str]] = []  # (path, record kind) of the trainers' data
+    for stage in plan.stages:
+        if stage.kind == "score":
+            kind = stage.config.data_kind
+            files += [(stage.config.train_data, kind), (stage.config.eval_data, kind)]
+        elif stage.kind == "ppo" and stage.config.ptx.data:
+            files.append((stage.config.ptx.data, "sft"))
+    for path, kind in dict.fromkeys(files):  # each file once, in stage order
+        load_records(path, kind)
 
-    def selection(self) -> None:
-        from .selection import train
 
-        strategies = ["clustered"] + sorted({a.rehearsal for a in self.arms.values()} - {"none", "clustered"})
-        for strategy in strategies:
-            if not (self.select_dir(strategy) / "selection_report.json").exists():
-                print(f"[ablation] shared: select ({strategy}) -> {self.select_dir(strategy)}")
-                self._timed(f"shared/select-{strategy}", lambda: train(self.select_config(strategy)))
+def refuse_stale(plan: Plan) -> None:
+    """A finished stage is reused only if it was made with the settings it would be made with now:
+    an edited config must not mix old results into the report silently."""
+    for stage in plan.stages:
+        saved = stage.out / "config.yaml"
+        if stage.config is None or not finished(stage) or not saved.exists():
+            continue
+        planned = yaml_load(yaml.safe_dump(to_dict(stage.config), sort_keys=False))  # tuples become lists
+        diff = config_drift(yaml_load(saved.read_text()), planned, ignore=stage.unread)
+        if diff:
+            raise ConfigError(f"{stage.out} was made with other settings ({', '.join(diff[:5])} differ): "
+                              "use another out_dir, or delete that run to redo it")
 
-    def sft_arm(self, name: str, seed: int) -> dict:
-        """The SFT policy with sampling seed eval.seed + 1 + seed against the reference answers."""
-        from .models import default_device, free_memory, load_policy
-        from .policy_eval import PolicyEvaluator
 
-        run_dir = self.run_dir(name, seed)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        ev = build_config(EvalConfig, self.eval_config(seed_offset=1 + seed), "eval.")
-        evaluator = PolicyEvaluator(ev, run_dir, proxy=None)
-        evaluator.prepare_reference(None, None, None)
-        device = default_device()
-        model, tokenizer = load_policy(self.cfg.model, device=device)
-        stats = {"step": 0, **evaluator.run(model, tokenizer, 0, device)}
-        del model
-        free_memory()
-        save_config(ev, run_dir / "config.yaml")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        atomic_write_jsonl(run_dir / "metrics.jsonl", [stats])
-        summary = {"steps": 0, "reward": None, "final": {**final_metrics(stats), "kl": 0.0},
-                   "per_task": per_task_final(stats), "sampling_seed": ev.seed, "seconds": time.time() - t0}
-        atomic_write_json(run_dir / "summary.json", summary)
-        return summary
+def write_pool(plan: Plan, stage: Stage) -> None:
+    """The PPO prompts: the first ``prompts_per_task`` of each task (rewritten only when they changed)."""
+    from .data import load_records
+    from .testbed.evaluate import limit_per_task
 
-    def run_arm(self, name: str, arm: ArmConfig, seed: int) -> None:
-        run_dir = self.run_dir(name, seed)
-        if (run_dir / "summary.json").exists():
-            print(f"[ablation] {name} seed {seed}: finished, skipped")
-            return
-        print(f"[ablation] {name} seed {seed} -> {run_dir}")
-        if arm.kind == "sft":
-            self._timed(f"arms/{name}/seed{seed}", lambda: self.sft_arm(name, seed))
-            return
-        from . import ppo, rejection_sampling
+    records = limit_per_task(load_records(plan.cfg.prompts, "prompt"), plan.cfg.prompts_per_task)
+    if not stage.out.exists() or read_jsonl(stage.out) != records:
+        atomic_write_jsonl(stage.out, records)
+    print(f"[ablation] prompt pool: {len(records)} prompts")
 
-        trainer = ppo if arm.kind == "ppo" else rejection_sampling
-        cfg = self.trainer_config(name, arm, seed)
-        self._timed(f"arms/{name}/seed{seed}", lambda: trainer.train(cfg))
 
-    def index(self) -> dict:
-        return {
-            "seeds": self.cfg.seeds,
-            "arms": {name: {"label": arm.label or name, "kind": arm.kind,
-                            "score": None if arm.kind == "sft" else arm.score, "rehearsal": arm.rehearsal,
-                            "ptx": arm.ptx, "runs": {str(s): str(self.run_dir(name, s).relative_to(self.out))
-                                                     for s in self.cfg.seeds}}
-                     for name, arm in self.arms.items()},
-            "shared": {k: str(p.relative_to(self.out)) for k, p in (
-                ("rm", self.score_dir("rm")), ("am", self.score_dir("am")),
-                ("rm-pertask", self.score_dir("rm-pertask")), ("eval_reference", self.reference_dir),
-                *((f"select-{s}", self.select_dir(s)) for s in STRATEGIES))
-                if (p / "summary.json").exists() or (p / "selection_report.json").exists()
-                or k == "eval_reference"},
-        }
+def train_stage(plan: Plan, stage: Stage) -> None:
+    """A trainer's ``train(cfg)``, resuming from the stage's checkpoint when it has one."""
+    import importlib
+
+    config = stage.config
+    if stage.kind in CHECKPOINTS:
+        config = dataclasses.replace(config, resume=(stage.out / CHECKPOINTS[stage.kind]).is_dir())
+    importlib.import_module(f".{TRAINERS[stage.kind]}", __package__).train(config)
+
+
+def per_task_rm(plan: Plan, stage: Stage) -> None:
+    from .reward_model import per_task_normalised_run
+
+    per_task_normalised_run(plan[stage.inputs[0]].out, stage.out)
+
+
+def eval_reference(plan: Plan, stage: Stage) -> None:
+    """The SFT policy's answers to the eval and forgetting prompts: every arm's win/lose/tie reference."""
+    from .models import default_device, free_memory, load_policy
+    from .policy_eval import PolicyEvaluator
+
+    evaluator = PolicyEvaluator(stage.config, stage.out, proxy=None)
+    device = default_device()
+    model, tokenizer = load_policy(plan.cfg.model, device=device)
+    evaluator.prepare_reference(model, tokenizer, device)
+    del model
+    free_memory()
+
+
+def sft_arm(plan: Plan, stage: Stage) -> None:
+    """The SFT policy, resampled with the stage's eval seed, against the reference answers."""
+    from .models import default_device, free_memory, load_policy
+    from .policy_eval import PolicyEvaluator
+
+    stage.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ev = stage.config
+    evaluator = PolicyEvaluator(ev, stage.out, proxy=None)
+    evaluator.prepare_reference(None, None, None)
+    device = default_device()
+    model, tokenizer = load_policy(plan.cfg.model, device=device)
+    stats = {"step": 0, **evaluator.run(model, tokenizer, 0, device)}
+    del model
+    free_memory()
+    save_config(ev, stage.out / "config.yaml")
+    (stage.out / "metrics.jsonl").unlink(missing_ok=True)
+    atomic_write_jsonl(stage.out / "metrics.jsonl", [stats])
+    summary = {"steps": 0, "reward": None, "final": {**final_metrics(stats), "kl": 0.0},
+               "per_task": per_task_final(stats), "sampling_seed": ev.seed, "seconds": time.time() - t0}
+    atomic_write_json(stage.out / "summary.json", summary)
+
+
+RUNNERS = {"pool": write_pool, "score": train_stage, "rm-pertask": per_task_rm, "reference": eval_reference,
+           "select": train_stage, "sft": sft_arm, "ppo": train_stage, "rejection-sampling": train_stage}
+"""How each kind of stage runs: ``runner(plan, stage)``."""
+
+
+def record_timing(path: Path, name: str, seconds: float) -> None:
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings[name] = round(seconds, 1)
+    atomic_write_json(path, timings)
+
+
+def run_stage(plan: Plan, stage: Stage) -> None:
+    """One stage, unless it has finished; the seconds of every stage that ran go to timings.json."""
+    if finished(stage):
+        print(f"[ablation] {stage.name}: finished, skipped")
+        return
+    print(f"[ablation] {stage.name} -> {stage.out}")
+    t0 = time.time()
+    RUNNERS[stage.kind](plan, stage)
+    if stage.done:  # the pool runs every time (it is rewritten only when it changed): no time worth keeping
+        record_timing(plan.out / "timings.json", stage.name, time.time() - t0)
+
+
+def ablation_index(plan: Plan) -> dict:
+    """``ablation.json``: every arm's runs and the finished shared stages, as paths under out_dir
+    (``analysis/ablation_report.py`` builds the report from these alone)."""
+    shared = ("rm", "am", "rm-pertask", "eval_reference", *(f"select-{s}" for s in STRATEGIES))
+    return {
+        "seeds": plan.cfg.seeds,
+        "arms": {name: {"label": arm.label or name, "kind": arm.kind,
+                        "score": None if arm.kind == "sft" else arm.score, "rehearsal": arm.rehearsal,
+                        "ptx": arm.ptx, "runs": {str(s): arm_stage_name(name, s) for s in plan.cfg.seeds}}
+                 for name, arm in plan.arms.items()},
+        "shared": {key: f"shared/{key}" for key in shared
+                   if key == "eval_reference" or any((plan.out / "shared" / key / marker).exists()
+                                                     for marker in ("summary.json", "selection_report.json"))},
+    }
+
+
+def execute(plan: Plan) -> dict:
+    """Validate every input and finished stage, then run the stages in order; writes ablation.json
+    and returns it."""
+    check_inputs(plan)
+    refuse_stale(plan)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    save_config(plan.cfg, plan.out / "config.yaml")
+    shared = [s.name.removeprefix("shared/") for s in plan.stages if s.name.startswith("shared/")]
+    print(f"[ablation] arms {', '.join(plan.arms)}; seeds {plan.cfg.seeds}; shared stages: {', '.join(shared)}"
+          f" -> {plan.out}")
+    for stage in plan.stages:
+        run_stage(plan, stage)
+    index = ablation_index(plan)
+    atomic_write_json(plan.out / "ablation.json", index)
+    print(f"[ablation] done -> {plan.out}/ablation.json; report: python -m analysis.ablation_report {plan.out}")
+    return index
 
 
 def run(cfg: AblationConfig) -> dict:
-    """Shared stages, then every arm over seeds; writes ablation.json; returns it."""
-    runner = Ablation(cfg)
-    runner.out.mkdir(parents=True, exist_ok=True)
-    runner.check()
-    runner.check_finished()
-    save_config(cfg, runner.out / "config.yaml")
-    print(f"[ablation] arms {', '.join(runner.arms)}; seeds {cfg.seeds}; shared stages: "
-          + ", ".join(k for k, v in runner.need.items() if v) + " -> " + str(runner.out))
-    pool = runner.write_pool()
-    print(f"[ablation] prompt pool: {len(pool)} prompts")
-    runner.score_models()
-    runner.eval_reference()
-    if runner.need["select"]:
-        runner.selection()
-    for seed in cfg.seeds:
-        for name, arm in runner.arms.items():
-            runner.run_arm(name, arm, seed)
-    index = runner.index()
-    atomic_write_json(runner.out / "ablation.json", index)
-    print(f"[ablation] done -> {runner.out}/ablation.json; report: python -m analysis.ablation_report {runner.out}")
-    return index
+    """Plan the ablation, then run it: shared stages, then every arm over seeds."""
+    return execute(build_plan(cfg))
 
 
 def train(cfg: AblationConfig) -> dict:

@@ -1,6 +1,6 @@
-"""The ablation runner end to end on tiny models: shared stages once, every arm's config wired
-as its kind says, finished runs skipped, bad configs refused before training, and the report
-filled from the run directories."""
+"""The ablation's plan (shared stages once, every arm's config wired as its kind says) inspected
+without training, then the runner end to end on tiny models: finished runs skipped, bad configs
+refused before training, and the report filled from the run directories."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from stable_rlhf.ablation import AblationConfig, ArmConfig, needs, run
+from stable_rlhf.ablation import AblationConfig, Plan, build_plan, run
 from stable_rlhf.config import ConfigError, load_config
 from stable_rlhf.data import DataError
 
@@ -56,14 +56,79 @@ def run_config(out, arm, seed=0) -> dict:
     return yaml.safe_load((out / "arms" / arm / f"seed{seed}" / "config.yaml").read_text())
 
 
-def test_plan_needs_only_what_the_arms_use():
-    arms = {"sft": ArmConfig(kind="sft"), "gold": ArmConfig(score="gold")}
-    assert needs(arms, am_from_rm=True) == {"rm": False, "am": False, "select": False}
-    assert needs({"rm": ArmConfig(score="rm")}, True) == {"rm": True, "am": False, "select": False}
-    assert needs({"am": ArmConfig(score="am")}, True) == {"rm": True, "am": True, "select": False}
-    assert needs({"am": ArmConfig(score="am")}, False) == {"rm": False, "am": True, "select": False}
-    assert needs({"sr": ArmConfig(score="gold", rehearsal="clustered")}, False) == {"rm": False, "am": True,
-                                                                                   "select": True}
+def shared_stages(tmp_path, arms, *extra) -> list[str]:
+    cfg = tiny_config(tmp_path / "plan", f"run_arms={json.dumps(arms)}", *extra)
+    return [s.name for s in build_plan(cfg).stages if s.name.startswith("shared/")]
+
+
+def test_plan_needs_only_what_the_arms_use(tmp_path):
+    always = ["shared/prompt_pool", "shared/eval_reference"]
+    assert shared_stages(tmp_path, ["sft", "gold-ppo"]) == always
+    assert shared_stages(tmp_path, ["rm-ppo"]) == ["shared/prompt_pool", "shared/rm", "shared/rm-pertask",
+                                                   "shared/eval_reference"]
+    assert shared_stages(tmp_path, ["am-ppo"]) == ["shared/prompt_pool", "shared/rm", "shared/am",
+                                                   "shared/rm-pertask", "shared/eval_reference"]
+    assert shared_stages(tmp_path, ["am-ppo"], "am_from_rm=false") == ["shared/prompt_pool", "shared/am",
+                                                                       "shared/eval_reference"]
+    sr = shared_stages(tmp_path, ["sr"], "arms.sr.score=gold", "arms.sr.rehearsal=random", "am_from_rm=false")
+    assert sr == ["shared/prompt_pool", "shared/am", "shared/eval_reference", "shared/select-clustered",
+                  "shared/select-random"]  # the random selector reuses the clustered one's samples
+
+
+def test_plan_shares_stages_and_wires_every_arm(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "run_arms=[am-ppo-sr, rm-ppo, rm-ppo-ptx, sft]")
+    plan = build_plan(cfg)
+    names = [s.name for s in plan.stages]
+    assert len(names) == len(set(names))
+    for kind, n in (("score", 2), ("select", 1), ("reference", 1), ("pool", 1), ("ppo", 3 * 2), ("sft", 2)):
+        assert sum(s.kind == kind for s in plan.stages) == n, kind
+    assert names[-8:] == [f"arms/{a}/seed{s}" for s in (0, 1) for a in ("am-ppo-sr", "rm-ppo", "rm-ppo-ptx", "sft")]
+    for i, stage in enumerate(plan.stages):  # every stage reads only what an earlier one made
+        assert set(stage.inputs) <= set(names[:i]), stage.name
+        assert stage.out in (out / stage.name, out / "shared" / "prompt_pool.jsonl")
+    rm, am, select = plan["shared/rm"], plan["shared/am"], plan["shared/select-clustered"]
+    assert am.config.init_from == str(rm.out / "model") and am.inputs == ("shared/rm",)
+    assert rm.config.objective == "rm" and am.config.objective == "am" and rm.config.seed == cfg.score_seed
+    assert select.config.prompts == str(plan["shared/prompt_pool"].out)
+    assert select.config.reward.path == str(am.out / "model") and select.inputs == ("shared/prompt_pool", "shared/am")
+    reference = plan["shared/eval_reference"].out
+    sr = plan["arms/am-ppo-sr/seed1"]
+    assert sr.inputs == ("shared/select-clustered", "shared/am", "shared/eval_reference")
+    assert sr.config.rehearsal.data == str(select.out / "rehearsal.jsonl") and sr.config.rehearsal.coef == 0.01
+    assert sr.config.prompts == str(select.out / "ppo_prompts.jsonl") and sr.config.ptx.data is None
+    assert sr.config.reward.source == "am" and sr.config.reward.path == str(am.out / "model")
+    assert sr.config.seed == 1 and sr.config.out_dir == str(out / "arms" / "am-ppo-sr" / "seed1")
+    assert sr.config.eval.reference_dir == str(reference) and sr.config.eval.seed == cfg.eval.seed
+    rm_ppo, ptx = plan["arms/rm-ppo/seed0"].config, plan["arms/rm-ppo-ptx/seed0"].config
+    assert rm_ppo.rehearsal.data is None and rm_ppo.ptx.data is None
+    assert rm_ppo.prompts == str(out / "shared" / "prompt_pool.jsonl")
+    assert rm_ppo.reward.path == str(rm.out / "model") and plan["arms/rm-ppo/seed0"].inputs[1] == "shared/rm"
+    assert ptx.ptx.data == "data/testbed/sft_demos.jsonl" and ptx.ptx.coef == 0.01 and ptx.rehearsal.data is None
+    sft = plan["arms/sft/seed1"]
+    assert sft.config.seed == cfg.eval.seed + 2 and sft.config.reference_dir == str(reference)
+    assert not out.exists()  # planning writes nothing
+
+
+def test_plan_refuses_a_stage_twice_or_before_its_inputs(tmp_path):
+    plan = build_plan(tiny_config(tmp_path / "run", "run_arms=[rm-ppo]"))
+    with pytest.raises(ValueError, match="shared/rm is planned twice"):
+        Plan(plan.cfg, plan.stages + [plan["shared/rm"]])
+    with pytest.raises(ValueError, match=r"shared/rm-pertask reads \['shared/rm'\]"):
+        Plan(plan.cfg, [s for s in plan.stages if s.name != "shared/rm"])
+
+
+def test_runner_resumes_an_interrupted_trainer(tmp_path, monkeypatch):
+    from stable_rlhf import ablation, ppo
+
+    plan = build_plan(tiny_config(tmp_path / "run", "run_arms=[gold-ppo]", "seeds=[0]"))
+    stage = plan["arms/gold-ppo/seed0"]
+    resumed = []
+    monkeypatch.setattr(ppo, "train", lambda cfg: resumed.append(cfg.resume))
+    ablation.train_stage(plan, stage)
+    (stage.out / "checkpoints").mkdir(parents=True)
+    ablation.train_stage(plan, stage)
+    assert resumed == [False, True] and stage.config.resume is False  # the plan itself is left as built
 
 
 def test_shared_stages_and_every_arm_seed_ran(ablation):
@@ -129,8 +194,11 @@ def test_rerun_skips_finished_stages_and_runs(ablation, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == before
     assert (out / "timings.json").read_text() == timings
     printed = capsys.readouterr().out
-    assert printed.count("finished, skipped") == len(ARMS) * 2
-    assert "train-rm" not in printed and "select (" not in printed
+    stages = build_plan(cfg).stages
+    assert printed.count("finished, skipped") == len(stages) - 1  # all but the pool (rewritten only if changed)
+    for stage in stages[1:]:
+        assert f"[ablation] {stage.name}: finished, skipped" in printed
+        assert f"[ablation] {stage.name} ->" not in printed
 
 
 def test_rerun_with_other_settings_is_refused(ablation):
