@@ -9,6 +9,10 @@ end-of-turn token, and only response tokens count in the loss (prompt tokens mas
 ``DemoBatches`` deals minibatches from a demonstration set in a seeded order, epoch
 after epoch, and can save and restore its position, so a resumed PPO run mixes in
 exactly the batches the uninterrupted one would have.
+
+``TrainState`` is the epoch trainer ``sft`` and ``train-rm`` / ``train-am`` share on the
+run layer (``runs.Run``): model, optimiser, scheduler and step, one guarded update per
+step, the state a checkpoint saves; each stage's ``train`` supplies the loss.
 """
 
 from __future__ import annotations
@@ -17,16 +21,14 @@ import dataclasses
 import math
 import random
 import time
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
-from .config import ModelConfig, save_config
-from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, read_jsonl
+from .config import ModelConfig
 from .losses import nll_loss
 from .models import chat_prompt, position_ids_from_mask
-from .rng import rng_state, seed_everything, set_rng_state
+from .runs import NonFiniteGuard, Run, clipped_step, fault_point, load_trainable, save_policy, trainable_state
 
 
 def encode_demos(
@@ -73,7 +75,18 @@ def sequence_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
 
 
 class DemoBatches:
-    """Endless seeded minibatches of (prompt, response) demonstrations, resumable."""
+    """An endless, seeded stream of minibatches of records that stops and resumes exactly.
+
+    Holds the records it was given (demonstrations: dicts with ``prompt`` and ``response``;
+    PPO and rejection sampling also deal their prompt records with it), the batch size and
+    the seed. Each ``next()`` returns the next ``batch_size`` records, as a list of the
+    given dicts. Epoch e visits every record once, in the order of a shuffle seeded with
+    ``(seed, e)``; a batch that runs past the end of an epoch takes the rest of its records
+    from the start of the next epoch's order, so the stream never runs dry.
+
+    ``state_dict()`` is the position: the epoch and how many records of its order were
+    dealt. Loaded into a ``DemoBatches`` over the same records, batch size and seed, it
+    continues with exactly the batches the uninterrupted stream would have dealt."""
 
     def __init__(self, demos: list[dict], batch_size: int, seed: int):
         if not demos:
@@ -105,6 +118,87 @@ class DemoBatches:
         self._order = self._shuffled(self.epoch)
 
 
+# --------------------------------------------------------------------------- the epoch trainer
+
+
+class TrainState:
+    """What an epoch trainer (``sft``, ``train-rm`` / ``train-am``) carries from step to step
+    and saves in every checkpoint: the prepared model and optimiser, the linear warm-up /
+    decay scheduler, the step (the epoch follows from it), the non-finite guard, the first
+    and latest step's metrics, and the stage's own stateful ``parts`` (the demonstration
+    order, the AM's running task moments: anything with ``state_dict`` / ``load_state_dict``).
+
+    ``cfg`` is the stage's config: its ``epochs``, ``batch_size``, ``warmup_ratio``,
+    ``grad_clip`` and ``max_bad_steps`` are read; ``n_items`` is the training set's size."""
+
+    def __init__(self, run: Run, model, optimizer, cfg, n_items: int, **parts):
+        from transformers import get_linear_schedule_with_warmup
+
+        self.run, self.cfg, self.parts = run, cfg, parts
+        self.steps_per_epoch = math.ceil(n_items / cfg.batch_size)
+        self.total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * self.total), self.total)
+        self.model, self.optimizer = run.accelerator.prepare(model, optimizer)
+        self.guard = NonFiniteGuard(cfg.max_bad_steps)
+        self.step, self.skipped = 0, 0
+        self.first: dict = {}  # the first step's metrics row (SFT reports its NLL against the last one's)
+        self.last: dict = {}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next step belongs to (``cfg.epochs`` once training is done)."""
+        return self.step // self.steps_per_epoch
+
+    @property
+    def unwrapped(self):
+        return self.run.accelerator.unwrap_model(self.model)
+
+    def batches_left(self, epoch: int) -> range:
+        """Indices within ``epoch`` of the minibatches still to train: all of them, or the
+        rest of an epoch a checkpoint was saved in the middle of."""
+        return range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch)
+
+    def update(self, loss: torch.Tensor, stats: dict) -> None:
+        """One optimiser step on ``loss`` (skipped, and counted, when the loss or the gradient
+        norm is not finite), the step's metrics row, then the run stops if the guard says so."""
+        accelerator, epoch = self.run.accelerator, self.epoch
+        self.optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = clipped_step(accelerator, self.optimizer, self.model.parameters(), self.cfg.grad_clip, loss,
+                                 self.scheduler)
+        self.step += 1
+        self.skipped += grad_norm is None
+        grad = {} if grad_norm is None else {"optim/grad_norm": grad_norm}  # a skipped update has none
+        self.last = {"step": self.step, "epoch": epoch, **stats, **grad, "optim/lr": self.scheduler.get_last_lr()[0],
+                     "skipped_updates": int(grad_norm is None)}
+        self.first = self.first or self.last
+        self.run.log(self.last)
+        fault_point("train", self.step)
+        if self.guard.end_step(grad_norm is None):
+            self.run.checkpoint(self.step, self.state_dict())
+            raise self.guard.error(self.step, self.run.out, "losses or gradient norms")
+
+    def state_dict(self) -> dict:
+        return {"model": trainable_state(self.unwrapped), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict(), "step": self.step,
+                "skipped": self.skipped, "first": self.first, "last": self.last,
+                **{name: part.state_dict() for name, part in self.parts.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainable(self.unwrapped, state["model"], "model")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.guard.load_state_dict(state["guard"])
+        self.step, self.skipped, self.first, self.last = state["step"], state["skipped"], state["first"], state["last"]
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+    def resume(self, state: dict | None) -> None:
+        """Continue from ``run.start``'s checkpoint state (None: a fresh run, nothing to load)."""
+        if state is not None:
+            self.load_state_dict(state)
+
+
 # --------------------------------------------------------------------------- the sft stage
 
 
@@ -134,90 +228,54 @@ class SFTConfig:
     """tokens per demonstration (prompt cut from the left first)"""
     system_prompt: Optional[str] = None
     """system message in the chat template (use the one the policy will be sampled with)"""
+    max_bad_steps: int = 3
+    """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
+    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
     resume: bool = False
-    """continue from out_dir/checkpoint (saved after every epoch)"""
+    """continue from the latest checkpoint in out_dir/checkpoints (one is saved after every epoch)"""
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_bad_steps < 1:
+            raise ValueError("epochs, batch_size and max_bad_steps must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
 
 
-def train(cfg: SFTConfig) -> dict:
-    """1. read the demonstrations; 2. load the policy; 3. epochs of NLL steps with a
-    checkpoint after each; 4. save the policy and summary.json."""
-    from transformers import get_linear_schedule_with_warmup
+def nll_step(state: TrainState, rows: list[dict], tokenizer, cfg: SFTConfig) -> None:
+    """One SFT step: the minibatch's response-token NLL, one update."""
+    batch = encode_demos(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], cfg.max_length,
+                         cfg.system_prompt)
+    loss, stats = sequence_nll(state.model, batch)
+    state.update(loss, stats)
 
+
+def train(cfg: SFTConfig) -> dict:
+    """1. read the demonstrations; 2. load the policy; 3. resume; 4. epochs of NLL steps with
+    a checkpoint after each; 5. save the policy and summary.json."""
     from .data import load_records
-    from .models import load_policy, make_accelerator
+    from .models import load_policy
 
     start = time.time()
-    out = Path(cfg.out_dir)
-    demos = load_records(cfg.data, "sft")  # 1. bad data stops us before a model loads
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-
-    seed_everything(cfg.seed)
-    accelerator = make_accelerator(seed=cfg.seed)
-    model, tokenizer = load_policy(cfg.model, device=accelerator.device)  # 2.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(demos) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    demos = load_records(cfg.data, "sft")  # 1. bad data stops us before a model loads (or a run dir appears)
+    run = Run(cfg, "sft", log_with=cfg.log_with, fresh_dirs=("model",))
+    model, tokenizer = load_policy(cfg.model, device=run.device)  # 2.
     batches = DemoBatches(demos, cfg.batch_size, cfg.seed)
+    state = TrainState(run, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), cfg, len(demos), batches=batches)
+    state.resume(run.start(cfg.resume))  # 3.
 
-    ckpt, step, first_epoch = out / "checkpoint", 0, 0
-    loss_first = loss_last = float("nan")
-    if cfg.resume and (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"])
-        step, first_epoch = state["step"], state["epoch"] + 1
-        loss_first, loss_last = state["nll_first"], state["nll_last"]
-        if (out / "metrics.jsonl").exists():  # drop the killed run's steps after the checkpoint: they rerun
-            logged = read_jsonl(out / "metrics.jsonl")
-            atomic_write_jsonl(out / "metrics.jsonl", [m for m in logged if m["step"] <= step])
-        print(f"[sft] resumed after epoch {state['epoch']} (step {step})")
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    run.print(f"{len(demos)} demonstrations, {state.total} steps")
+    for epoch in range(state.epoch, cfg.epochs):  # 4.
+        state.model.train()
+        for _ in state.batches_left(epoch):
+            nll_step(state, batches.next(), tokenizer, cfg)
+        run.checkpoint(state.step, state.state_dict())
+        run.print(f"epoch {epoch}: nll {state.last['loss/nll']:.4f}")
 
-    print(f"[sft] {len(demos)} demonstrations, {total} steps")
-    for epoch in range(first_epoch, cfg.epochs):  # 3.
-        model.train()
-        for _ in range(steps_per_epoch):
-            rows = batches.next()
-            batch = encode_demos(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                 cfg.max_length, cfg.system_prompt)
-            loss, stats = sequence_nll(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_last = stats["loss/nll"]
-            loss_first = loss_last if step == 1 else loss_first
-            append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch, **stats,
-                                                 "optim/grad_norm": float(grad_norm),
-                                                 "optim/lr": scheduler.get_last_lr()[0]})
-        with atomic_dir(ckpt) as tmp:
-            torch.save({"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "batches": batches.state_dict(), "epoch": epoch,
-                        "step": step, "rng": rng_state(), "nll_first": loss_first, "nll_last": loss_last},
-                       tmp / "state.pt")
-        print(f"[sft] epoch {epoch}: nll {loss_last:.4f}")
-
-    policy = accelerator.unwrap_model(model)  # 4.
-    with atomic_dir(out / "model") as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    summary = {"steps": step, "demos": len(demos), "nll_first": loss_first, "nll_last": loss_last,
-               "seconds": time.time() - start}
-    atomic_write_json(out / "summary.json", summary)
-    print(f"[sft] done in {summary['seconds']:.0f}s -> {out / 'model'}")
+    if run.is_main:  # 5.
+        save_policy(state.unwrapped, tokenizer, run.out / "model")
+    summary = run.finish({"steps": state.step, "demos": len(demos), "nll_first": state.first["loss/nll"],
+                          "nll_last": state.last["loss/nll"], "skipped_updates": state.skipped,
+                          "seconds": time.time() - start})
+    run.print(f"done in {summary['seconds']:.0f}s -> {run.out / 'model'}")
     return summary

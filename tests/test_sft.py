@@ -1,9 +1,13 @@
 """SFT on the tiny random Llama: the encoding masks exactly the response, the NLL is the
 plain one, the data order is seeded and resumable, and `stable-rlhf sft` trains, writes
-its outputs and resumes."""
+its outputs, skips a non-finite update and resumes exactly after SIGKILL."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +17,10 @@ from stable_rlhf.cli import main as cli_main
 from stable_rlhf.config import ModelConfig, load_config
 from stable_rlhf.io import atomic_write_jsonl, read_jsonl
 from stable_rlhf.models import chat_prompt, load_policy, load_tokenizer
+from stable_rlhf.runs import latest_checkpoint
 from stable_rlhf.sft import DemoBatches, SFTConfig, encode_demos, sequence_nll, train
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is 12 plus 30?", "Write three bullet points about the sea:", "hello there!"]
 RESPONSES = ["The answer is 42.", "- The sea is large.\n- Fish live in the water.\n- Waves move.", "Hi!"]
 
@@ -155,9 +161,13 @@ def demos_file(tmp_path_factory):
     return path
 
 
+def overrides(data, out, *extra) -> list[str]:
+    return [f"data={data}", f"out_dir={out}", "model.name_or_path=tiny-random", "batch_size=4", "lr=1e-3",
+            "max_length=64", *extra]
+
+
 def cfg_for(data, out, *extra) -> SFTConfig:
-    return load_config(SFTConfig, None, [f"data={data}", f"out_dir={out}", "model.name_or_path=tiny-random",
-                                         "batch_size=4", "lr=1e-3", "max_length=64", *extra])
+    return load_config(SFTConfig, None, overrides(data, out, "log_with=none", *extra))
 
 
 def demo_nll(model, tokenizer, path) -> float:
@@ -168,16 +178,19 @@ def demo_nll(model, tokenizer, path) -> float:
     return loss.item()
 
 
-def test_sft_trains_and_writes_its_outputs(demos_file, tmp_path, tiny_model_cfg):
+def test_sft_trains_writes_its_outputs_and_a_finished_run_resumes_to_itself(demos_file, tmp_path, tiny_model_cfg):
     out = tmp_path / "run"
-    summary = train(cfg_for(demos_file, out, "epochs=3"))
-    assert summary["steps"] == 12 and summary["demos"] == 16
-    for name in ("summary.json", "config.yaml", "metrics.jsonl", "model/config.json", "checkpoint/state.pt"):
+    summary = train(cfg_for(demos_file, out, "epochs=3", "log_with=tensorboard"))
+    assert summary["steps"] == 12 and summary["demos"] == 16 and summary["skipped_updates"] == 0
+    for name in ("summary.json", "config.yaml", "metrics.jsonl", "model/config.json"):
         assert (out / name).exists(), name
+    assert latest_checkpoint(out).name == "step-000012"  # one per epoch, the newest kept
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
     assert load_config(SFTConfig, out / "config.yaml").epochs == 3
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["epoch"] for m in metrics] == [e for e in range(3) for _ in range(4)]
     assert all(math.isfinite(m["loss/nll"]) and math.isfinite(m["optim/grad_norm"]) for m in metrics)
     assert summary["nll_first"] == metrics[0]["loss/nll"] and summary["nll_last"] == metrics[-1]["loss/nll"]
     assert summary["nll_last"] < summary["nll_first"]
@@ -189,39 +202,84 @@ def test_sft_trains_and_writes_its_outputs(demos_file, tmp_path, tiny_model_cfg)
     assert not unchanged
     assert demo_nll(trained, tokenizer, demos_file) < demo_nll(init, tokenizer, demos_file) - 0.5
 
+    # resuming a finished run trains nothing more and keeps its result
+    weights = saved_weights(out / "model")
+    again = train(cfg_for(demos_file, out, "epochs=3", "resume=true"))
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in summary.items() if k != "seconds"}
+    assert read_jsonl(out / "metrics.jsonl") == metrics
+    assert saved_weights(out / "model") == weights
 
-def test_killed_sft_run_resumes_to_the_same_result(demos_file, tmp_path, monkeypatch):
-    full = train(cfg_for(demos_file, tmp_path / "full", "epochs=2"))
+
+def test_a_nonfinite_loss_skips_its_update(demos_file, tmp_path, monkeypatch):
     real, calls = sft.sequence_nll, {"n": 0}
 
-    def dies_in_epoch_1(*args, **kwargs):
+    def nan_on_the_second_step(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 6:  # the second step of epoch 1, after epoch 0's checkpoint
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls["n"] == 2 else (loss, stats)
 
-    monkeypatch.setattr(sft, "sequence_nll", dies_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(demos_file, tmp_path / "killed", "epochs=2"))
-    monkeypatch.setattr(sft, "sequence_nll", real)
-    resumed = train(cfg_for(demos_file, tmp_path / "killed", "epochs=2", "resume=true"))
-    assert resumed["steps"] == full["steps"] == 8
-    assert resumed["nll_last"] == pytest.approx(full["nll_last"], abs=1e-6)
-    assert resumed["nll_first"] == pytest.approx(full["nll_first"], abs=1e-6)
-    a, _ = load_policy(ModelConfig(name_or_path=str(tmp_path / "full" / "model")), device="cpu")
-    b, _ = load_policy(ModelConfig(name_or_path=str(tmp_path / "killed" / "model")), device="cpu")
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
-    steps = [m["step"] for m in read_jsonl(tmp_path / "killed" / "metrics.jsonl")]
-    assert steps == list(range(1, 9))  # the killed step-5 line is not logged twice
+    monkeypatch.setattr(sft, "sequence_nll", nan_on_the_second_step)
+    summary = train(cfg_for(demos_file, tmp_path / "nan", "epochs=1"))
+    rows = read_jsonl(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in rows] == [0, 1, 0, 0] and summary["skipped_updates"] == 1
+    assert "optim/grad_norm" not in rows[1] and math.isfinite(rows[2]["optim/grad_norm"])
+    assert rows[0]["optim/lr"] == rows[1]["optim/lr"] > rows[2]["optim/lr"]  # the scheduler waited too
+    state = torch.load(latest_checkpoint(tmp_path / "nan") / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
 
-    # resuming a finished run trains nothing more and keeps its result
-    again = train(cfg_for(demos_file, tmp_path / "killed", "epochs=2", "resume=true"))
-    assert again["steps"] == 8 and again["nll_last"] == pytest.approx(full["nll_last"], abs=1e-6)
-    assert [m["step"] for m in read_jsonl(tmp_path / "killed" / "metrics.jsonl")] == steps
-    c, _ = load_policy(ModelConfig(name_or_path=str(tmp_path / "killed" / "model")), device="cpu")
-    for p, q in zip(b.parameters(), c.parameters()):
-        assert torch.equal(p, q)
+
+# --------------------------------------------------------------------------- kill -9 and resume
+# Shared with tests/test_reward_model.py: the same resume contract holds for every epoch trainer.
+
+
+def run_stage(stage: str, overrides: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    """A stage in a fresh process (killed, resumed and straight runs alike: the same threads and
+    kernels, so their floating-point results can be compared bit for bit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STABLE_RLHF_FAULT", None)
+    if fault:
+        env["STABLE_RLHF_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "stable_rlhf.cli", stage, *overrides], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def saved_weights(model_dir: Path) -> dict[str, list]:
+    """Every tensor of a saved model directory (safetensors files), as nested lists."""
+    from safetensors.torch import load_file
+
+    return {f"{f.name}:{k}": v.tolist() for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_killed_run_resumes_exactly(stage: str, overrides: list[str], straight: Path, out: Path, fault: str,
+                                      resumes_from: str) -> None:
+    """SIGKILL the stage at ``fault``, resume it, and find the uninterrupted run's metrics and weights."""
+    proc = run_stage(stage, overrides, fault=fault)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (out / "summary.json").exists()
+    assert latest_checkpoint(out).name == resumes_from
+    proc = run_stage(stage, [*overrides, "resume=true"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / resumes_from}" in proc.stdout
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows == read_jsonl(straight / "metrics.jsonl")  # lost steps' rows dropped, then redone once
+    assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows)
+    assert saved_weights(out / "model") == saved_weights(straight / "model")
+    assert not list((out / "checkpoints").glob(".step-*"))
+
+
+@pytest.fixture(scope="module")
+def straight_sft(demos_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft-cli") / "straight"
+    proc = run_stage("sft", overrides(demos_file, out, "epochs=2", "log_with=none"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("fault", ["train:6", "checkpoint:8"])  # mid epoch 1; while writing epoch 1's checkpoint
+def test_sigkilled_sft_run_resumes_to_the_same_result(straight_sft, demos_file, tmp_path, fault):
+    out = tmp_path / "killed"
+    assert_killed_run_resumes_exactly("sft", overrides(demos_file, out, "epochs=2", "log_with=none"), straight_sft,
+                                      out, fault, resumes_from="step-000004")
 
 
 def test_cli_sft_rejects_bad_data_before_loading_a_model(tmp_path, capsys):
