@@ -5,19 +5,26 @@ Every stage has one ``@dataclass`` config; shared groups (``model``, ``generatio
 (``stable-rlhf <stage> --help`` prints them). ``load_config`` rejects unknown keys and
 wrong types with a message naming the key (and the file it came from), before any
 work starts; cross-field checks live in each config's ``__post_init__``.
+
+Type checking is pydantic's (``TypeAdapter`` over the plain dataclasses, in strict JSON
+mode); this module only merges the given values onto the defaults and words the errors.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Optional, TypeVar, Union, get_args, get_origin
 
+import pydantic
+import pydantic_core
 import yaml
 
 from .io import atomic_write_text
@@ -51,117 +58,84 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str, default: Any = None) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to float).
-
-    ``default`` is the field's default value: a section given in part (a mapping for a
-    dataclass) keeps the default's other values, not the section class's own defaults."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, where, default)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{where}{key}: expected one of {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return build_config(tp, value, f"{key}.", where, default if isinstance(default, tp) else None)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return list(items) if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
-        # Given entries update the default mapping's (an arm given in part keeps its other
-        # settings; new names are added), like a section given in part.
-        _, val_tp = get_args(tp) or (Any, Any)
-        base = default if isinstance(default, dict) else {}
-        out = dict(base)
-        for k, v in value.items():
-            out[k] = _coerce(v, val_tp, f"{key}.{k}", where, base.get(k))
-        return out
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}{key}: expected float, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}{key}: expected int, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}{key}: expected bool (true/false), got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}{key}: expected str, got {value!r}")
-        return value
-    raise ConfigError(f"{where}{key}: unsupported field type {tp!r}")
+# --------------------------------------------------------------------------- building
 
 
 def build_config(cls: type[T], data: dict, prefix: str = "", where: str = "", base: Any = None) -> T:
-    """``cls`` from ``data``; fields not in ``data`` come from ``base`` (an instance: the
-    parent field's default, e.g. ``field(default_factory=lambda: EvalConfig(every=1))``),
-    else from ``cls``'s own defaults."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    names = set(fields)
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"{where}{prefix}{unknown[0]}: unknown key for {cls.__name__} "
-            f"(known: {', '.join(sorted(names))})"
-        )
-    kwargs = {name: getattr(base, name) for name in names - set(data)} if base is not None else {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], prefix + name, where, _field_default(fields[name], base))
-    # Nested dataclasses that were not given still get their defaults; checks in
-    # __post_init__ raise ValueError, which we re-raise naming the section.
+    """``cls`` from ``data``; ``where`` and ``prefix`` lead the key path in error messages.
+
+    A field not given keeps ``base``'s value (an instance: the parent field's default, e.g.
+    ``field(default_factory=lambda: EvalConfig(every=1))``), else its own default; a
+    section or mapping given in part keeps the rest of that default."""
+    return _build(cls, data, base, lambda path: where + ((prefix + path).rstrip(". :") or cls.__name__))
+
+
+def _build(cls: type[T], data: dict, base: Any, name: Callable[[str], str]) -> T:
+    """``name`` words where a key path (``inner.steps``, ``tasks[0]``, '' for ``cls``) came from."""
+    merged = _merge(pydantic_core.to_jsonable_python(_defaults(cls, base)), pydantic_core.to_jsonable_python(data))
+    # Strict JSON mode is our rule set for YAML values: a bool is not an int, an int is a
+    # float (widened), a number is not a str, and a section is a mapping of known keys.
+    # (Strict *Python* mode would want dataclass instances, not mappings.)
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}{prefix.rstrip('.') or cls.__name__}: {e}") from None
+        return _adapter(cls).validate_json(pydantic_core.to_json(merged), strict=True, extra="forbid")
+    except pydantic.ValidationError as e:
+        lines = [f"{name(_dotted(err['loc']))}: {_message(cls, err)}" for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
 
 
-def _field_default(f: dataclasses.Field, base: Any) -> Any:
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
+
+
+def _defaults(cls: type, base: Any = None) -> dict[str, Any]:
+    """Each field's value when not given: ``base``'s, else the field's default (required
+    fields are left out)."""
     if base is not None:
-        return getattr(base, f.name)
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None if f.default is dataclasses.MISSING else f.default
+        return {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+    return out
 
 
-# --------------------------------------------------------------------------- overrides
+def _merge(base: Any, given: Any) -> Any:
+    """``given`` over ``base``, mappings merged key by key: a section or an entry of a
+    dict-typed field (an ablation arm) given in part keeps its other default values."""
+    if not (isinstance(base, dict) and isinstance(given, dict)):
+        return given
+    return {**base, **{k: _merge(base.get(k), v) for k, v in given.items()}}
+
+
+def _dotted(loc: tuple) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _message(cls: type, err: dict) -> str:
+    if err["type"] == "unexpected_keyword_argument":  # extra="forbid" on a dataclass
+        section = _section_at(cls, err["loc"][:-1])
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(section)))
+        return f"unknown key for {section.__name__} (known: {known})"
+    if err["type"] == "value_error":  # a __post_init__ check
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    expected = err["msg"].removeprefix("Input should be ")
+    return f"expected {expected}, got {err['input']!r}" if expected != err["msg"] else err["msg"]
+
+
+def _section_at(cls: type, loc: tuple) -> type:
+    """The dataclass at ``loc`` (field names, mapping keys, list indices) inside ``cls``."""
+    tp = cls
+    for part in loc:
+        tp = typing.get_type_hints(tp)[part] if dataclasses.is_dataclass(tp) else get_args(tp)[-1]
+        if get_origin(tp) in (Union, types.UnionType):  # Optional[X] -> X
+            tp = next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+# --------------------------------------------------------------------------- files and overrides
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -192,44 +166,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _check_override_keys(cls: type, dotted: str) -> None:
-    node: Any = cls
-    for i, k in enumerate(dotted.split(".")):
-        if not dataclasses.is_dataclass(node):
-            return  # inside a dict-typed field
-        hints = typing.get_type_hints(node)
-        if k not in hints:
-            path = ".".join(dotted.split(".")[: i + 1])
-            raise ConfigError(f"override {path}: unknown key for {node.__name__}")
-        node = hints[k]
-        if get_origin(node) in (Union, types.UnionType):
-            dcs = [a for a in get_args(node) if dataclasses.is_dataclass(a)]
-            node = dcs[0] if dcs else None
+def _read_yaml(path: Path) -> dict:
+    try:
+        loaded = yaml_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from an optional YAML file and ``key=value`` overrides."""
-    data: dict = {}
-    where = ""
-    if path is not None:
-        path = Path(path)
-        where = f"{path}: "
-        try:
-            loaded = yaml_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
+    data = _read_yaml(Path(path)) if path is not None else {}
+    where = f"{path}: " if path is not None else ""
+    keys = []
     for text in overrides or []:
         key, value = parse_override(text)
-        _check_override_keys(cls, key)
         _set_dotted(data, key, value)
-    return build_config(cls, data, "", where)
+        keys.append(key)
+
+    def name(key_path: str) -> str:
+        # An error at, inside or just above (an unknown section) a key an override set
+        # names the override; any other, the file.
+        if key_path and any(_under(key_path, k) or _under(k, key_path) for k in keys):
+            return f"override {key_path}"
+        return where + (key_path or cls.__name__)
+
+    return _build(cls, data, None, name)
+
+
+def _under(path: str, key: str) -> bool:
+    return path == key or path.startswith((key + ".", key + "["))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -241,28 +213,35 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# --------------------------------------------------------------------------- help
+
+
 def field_help(cls: type, base: Any = None) -> list[tuple[str, str, Any, str]]:
     """(dotted name, type, default, help) for every leaf field, for ``--help``.
 
-    The help text is the ``#:`` comment or string literal following the field in the
-    class source (the CleanRL convention of docstrings under fields). A nested section's
-    defaults are those of the field's own default instance (``base``), e.g. PPO's
-    ``generation.top_p`` 1.0, not ``GenerationConfig``'s class default.
+    The help text is the string literal following the field in the class source (the
+    CleanRL convention of docstrings under fields). A nested section's defaults are those
+    of the field's own default instance (``base``), e.g. PPO's ``generation.top_p`` 1.0,
+    not ``GenerationConfig``'s class default.
     """
     out = []
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
+    defaults = _defaults(cls, base)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        default = _field_default(f, base)
+        tp, default = hints[f.name], defaults.get(f.name, "<required>")
         if dataclasses.is_dataclass(tp):
-            for name, t, d, h in field_help(tp, default if isinstance(default, tp) else None):
-                out.append((f"{f.name}.{name}", t, d, h))
-            continue
-        if base is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-            default = "<required>"
-        out.append((f.name, _type_name(tp), default, docs.get(f.name, "")))
+            nested = field_help(tp, default if isinstance(default, tp) else None)
+            out += [(f"{f.name}.{name}", t, d, h) for name, t, d, h in nested]
+        else:
+            out.append((f.name, _type_name(tp), default, docs.get(f.name, "")))
     return out
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -270,16 +249,12 @@ def _field_docs(cls: type) -> dict[str, str]:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(source))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    body = ast.parse(textwrap.dedent(source)).body[0].body  # type: ignore[attr-defined]
     docs = {}
     for stmt, nxt in zip(body, body[1:] + [None]):
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                if isinstance(nxt.value.value, str):
-                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 

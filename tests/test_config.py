@@ -1,12 +1,22 @@
 """Typed configs: YAML + dotted overrides, unknown keys and wrong types rejected by name."""
 
 import dataclasses
+import re
 from typing import Literal, Optional
 
 import pytest
 import yaml
 
-from stable_rlhf.config import ConfigError, GenerationConfig, ModelConfig, field_help, load_config, parse_override, save_config
+from stable_rlhf.config import (
+    ConfigError,
+    GenerationConfig,
+    ModelConfig,
+    build_config,
+    field_help,
+    load_config,
+    parse_override,
+    save_config,
+)
 
 
 @dataclasses.dataclass
@@ -74,6 +84,13 @@ def test_unknown_override_key_named():
         ("name=[1]", "name"),
         ("model.trust_remote_code=yes please", "model.trust_remote_code"),
         ("model.dtype=float64", "model.dtype"),
+        # strict where YAML would slip: numbers are not strings, 1 is not true, 2.0 not an int
+        ("name=3", "name"),
+        ("model.trust_remote_code=1", "model.trust_remote_code"),
+        ("seed=2.0", "seed"),
+        ("inner.lr=true", "inner.lr"),
+        ("tasks=[a, 1]", r"tasks\[1\]"),
+        ("inner=3", "inner"),
     ],
 )
 def test_wrong_types_named(override, key):
@@ -143,3 +160,56 @@ def test_field_help_shows_the_fields_own_section_defaults():
     rows = {name: default for name, _, default, _ in field_help(WithCustomDefault)}
     assert rows["inner.lr"] == 0.5 and rows["inner.steps"] == 7
     assert rows["gen.max_new_tokens"] == 48 and rows["gen.top_p"] == 1.0
+
+
+def test_optional_fields_take_null(tmp_path):
+    assert load_config(Outer, write(tmp_path, "seed: 3\n"), ["seed=null"]).seed is None
+    assert load_config(Outer, None, ["model.revision=null"]).model.revision is None
+
+
+def test_every_error_names_file_key_path_and_value(tmp_path):
+    p = write(tmp_path, "inner:\n  steps: 1.5\ntasks: [a, 2]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    lines = str(e.value).splitlines()  # all of them, not only the first
+    assert len(lines) == 2
+    assert re.fullmatch(rf"{re.escape(str(p))}: tasks\[1\]: expected .*, got 2", lines[0])
+    assert re.fullmatch(rf"{re.escape(str(p))}: inner\.steps: expected .*, got 1\.5", lines[1])
+    # a bad value an override gave names the override, not the file
+    with pytest.raises(ConfigError, match=r"^override inner\.lr: expected .*, got 'fast'$"):
+        load_config(Outer, p, ["inner.steps=2", "tasks=[a]", "inner.lr=fast"])
+
+
+@dataclasses.dataclass
+class WithArms:
+    arms: dict[str, Inner] = dataclasses.field(default_factory=lambda: {"a": Inner(lr=0.5, steps=7)})
+    """sections by name (like the ablation's arms)"""
+    sizes: dict[str, int] = dataclasses.field(default_factory=lambda: {"x": 1})
+    """plain values by name"""
+
+
+def test_dict_field_entries_update_the_default_mapping():
+    # an entry given in part keeps its other default settings; new names are added
+    cfg = load_config(WithArms, None, ["arms.a.steps=3", "arms.b-new.lr=2", "sizes.y=2"])
+    assert cfg.arms == {"a": Inner(lr=0.5, steps=3), "b-new": Inner(lr=2.0, steps=10)}
+    assert cfg.sizes == {"x": 1, "y": 2}
+    with pytest.raises(ConfigError, match=r"override sizes\.y: expected"):
+        load_config(WithArms, None, ["sizes.y=true"])
+
+
+def test_unknown_key_inside_a_dict_of_sections_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override arms\.a\.lrr: unknown key for Inner \(known: lr, steps\)$"):
+        load_config(WithArms, None, ["arms.a.lrr=1"])
+    with pytest.raises(ConfigError, match=r"c\.yaml: arms\.b\.lrr: unknown key for Inner"):
+        load_config(WithArms, write(tmp_path, "arms:\n  b:\n    lrr: 1\n"))
+
+
+def test_build_config_prefixes_paths_and_starts_from_base():
+    # ablation.py builds each arm's trainer config this way
+    with pytest.raises(ConfigError, match=r"^arms\.x: inner\.nope: unknown key for Inner"):
+        build_config(Outer, {"inner": {"nope": 1}}, "arms.x: ")
+    with pytest.raises(ConfigError, match=r"^arms\.x: inner\.steps must be >= 1$"):  # Outer.__post_init__
+        build_config(Outer, {"inner": {"steps": 0}}, "arms.x: ")
+    with pytest.raises(ConfigError, match=r"^score\.inner: expected"):
+        build_config(Outer, {"inner": [1]}, "score.")
+    assert build_config(Inner, {"steps": 2}, base=Inner(lr=0.25)) == Inner(lr=0.25, steps=2)
