@@ -21,6 +21,7 @@ from .config import GenerationConfig
 from .models import chat_prompt
 
 if TYPE_CHECKING:
+    from transformers import GenerationConfig as HFGenerationConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -131,9 +132,6 @@ def generate(
     is in eval mode under no_grad during the call (its mode is restored afterwards). Not
     ``inference_mode``: PPO feeds these tensors into forward passes that need autograd.
     """
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig as HFGenerationConfig
-
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not prompts:
@@ -143,8 +141,24 @@ def generate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    hf_cfg = _sampling_config(cfg, stop_ids, pad_id)
+    texts = [chat_prompt(tokenizer, p, cfg.system_prompt) for p in prompts]
+    prompt_index = [i for i in range(len(prompts)) for _ in range(n)]  # prompt-major
+
+    with _plain_eval_mode(model, stop_ids, pad_id), torch.no_grad(), _seeded(seed, device):
+        queries, query_masks, responses = _generate_batches(
+            model, tokenizer, [texts[i] for i in prompt_index], hf_cfg, cfg.batch_size, device, progress
+        )
+    return _assemble(tokenizer, prompts, prompt_index, queries, query_masks, responses, stop_ids, pad_id)
+
+
+def _sampling_config(cfg: GenerationConfig, stop_ids: list[int], pad_id: int) -> "HFGenerationConfig":
+    """The transformers GenerationConfig for ``cfg``: greedy at temperature 0, else
+    temperature + top_p with no top-k cut."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
     sample = cfg.temperature > 0
-    hf_cfg = HFGenerationConfig(
+    return HFGenerationConfig(
         max_new_tokens=cfg.max_new_tokens,
         do_sample=sample,
         temperature=cfg.temperature if sample else None,
@@ -156,43 +170,74 @@ def generate(
         suppress_tokens=[pad_id] if pad_id not in stop_ids else None,
         use_cache=True,
     )
-    # A template already writes the special tokens (e.g. a BOS); do not add them twice.
-    add_special = not getattr(tokenizer, "chat_template", None)
-    texts = [chat_prompt(tokenizer, p, cfg.system_prompt) for p in prompts]
-    prompt_index = [i for i in range(len(prompts)) for _ in range(n)]  # prompt-major
 
-    queries, query_masks, responses = [], [], []
+
+@contextlib.contextmanager
+def _plain_eval_mode(model: "PreTrainedModel", stop_ids: list[int], pad_id: int) -> Iterator[None]:
+    """The model in eval mode with a bare generation_config for the block; both restored after.
+
+    transformers fills every unset field from model.generation_config (a hub model may
+    ship top_k=20 or repetition_penalty=1.05); PPO and the KL penalty assume samples from
+    softmax(logits / T) cut only by top_p, so generate sees none of those defaults."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
     was_training, model_gen_cfg = model.training, model.generation_config
     model.eval()
-    # transformers fills every unset field from model.generation_config (a hub model may
-    # ship top_k=20 or repetition_penalty=1.05); PPO and the KL penalty assume samples from
-    # softmax(logits / T) cut only by top_p, so generate sees none of those defaults.
     model.generation_config = HFGenerationConfig(
         bos_token_id=model_gen_cfg.bos_token_id, eos_token_id=stop_ids, pad_token_id=pad_id
     )
     try:
-        with torch.no_grad(), _seeded(seed, device):
-            starts = range(0, len(prompt_index), cfg.batch_size)
-            for start in tqdm(starts, desc="generate", disable=not progress):
-                rows = prompt_index[start : start + cfg.batch_size]
-                enc = tokenizer(
-                    [texts[i] for i in rows],
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="left",
-                    add_special_tokens=add_special,
-                ).to(device)
-                out = model.generate(
-                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=hf_cfg
-                )  # (b, Tq_b + Tr_b)
-                Tq_b = enc["input_ids"].shape[1]
-                queries.append(enc["input_ids"].cpu())
-                query_masks.append(enc["attention_mask"].bool().cpu())
-                responses.append(out[:, Tq_b:].cpu())
+        yield
     finally:
         model.train(was_training)
         model.generation_config = model_gen_cfg
 
+
+def _generate_batches(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    texts: list[str],
+    hf_cfg: "HFGenerationConfig",
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Per batch of ``batch_size`` rows, on the CPU: the left-padded query ids (b, Tq_b), their
+    bool mask, and the generated response ids (b, Tr_b); lengths differ between batches."""
+    from tqdm.auto import tqdm
+
+    # A template already writes the special tokens (e.g. a BOS); do not add them twice.
+    add_special = not getattr(tokenizer, "chat_template", None)
+    queries, query_masks, responses = [], [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
+        enc = tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=add_special,
+        ).to(device)
+        out = model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=hf_cfg
+        )  # (b, Tq_b + Tr_b)
+        Tq_b = enc["input_ids"].shape[1]
+        queries.append(enc["input_ids"].cpu())
+        query_masks.append(enc["attention_mask"].bool().cpu())
+        responses.append(out[:, Tq_b:].cpu())
+    return queries, query_masks, responses
+
+
+def _assemble(
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: list[str],
+    prompt_index: list[int],
+    queries: list[torch.Tensor],
+    query_masks: list[torch.Tensor],
+    responses: list[torch.Tensor],
+    stop_ids: list[int],
+    pad_id: int,
+) -> Generation:
+    """One Generation from the per-batch tensors: responses cut after their first stop token."""
     # Batches end at different lengths: queries are left-padded, responses right-padded
     # to the longest of all.
     Tq = max(q.shape[1] for q in queries)
@@ -202,13 +247,13 @@ def generate(
     response_ids = torch.cat([_pad_to(r, Tr, pad_id, left=False) for r in responses])  # (N, Tr)
     response_mask, truncated = response_masks(response_ids, stop_ids)
     response_ids = response_ids.masked_fill(~response_mask, pad_id)
-    texts_out = [
+    texts = [
         tokenizer.decode(ids[m], skip_special_tokens=True).strip() for ids, m in zip(response_ids, response_mask)
     ]
     return Generation(
         prompts=[prompts[i] for i in prompt_index],
         prompt_index=prompt_index,
-        responses=texts_out,
+        responses=texts,
         query_ids=query_ids,
         query_mask=query_mask,
         response_ids=response_ids,

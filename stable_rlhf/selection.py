@@ -27,12 +27,13 @@ thousand prompts once does not need a distributed launch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -477,6 +478,19 @@ def _sample_and_score(cfg: SelectConfig, records: list[dict], device) -> tuple[l
     return samples, seconds
 
 
+def _drawn_or_reused(cfg: SelectConfig, records: list[dict], reused: list[dict] | None,
+                     device) -> tuple[list[dict], dict[str, float]]:
+    """The scored samples and the seconds of their phases: drawn now when nothing is ``reused``
+    (the models' memory is freed before returning), else the reused ones with zero seconds."""
+    from .models import free_memory
+
+    if reused is not None:
+        return reused, {"load_models": 0.0, "sample": 0.0, "score": 0.0}
+    samples, phase_seconds = _sample_and_score(cfg, records, device)
+    free_memory()
+    return samples, phase_seconds
+
+
 def _embed(cfg: SelectConfig, texts: list[str], device) -> np.ndarray:
     """(N, d) float32 unit-norm sentence embeddings; the embedder is freed on return."""
     from .models import load_embedder
@@ -495,31 +509,102 @@ def _scorer(cfg: SelectConfig) -> str:
     return scorer if scorer.endswith(", reused") else f"{scorer}, reused"
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the block's wall time as ``seconds[phase]``."""
+    t0 = time.time()
+    yield
+    seconds[phase] = time.time() - t0
+
+
+def _read_prompts(cfg: SelectConfig) -> tuple[list[dict], int]:
+    """The prompt records (ids unique) and the number of clusters, checked against them."""
+    from .data import load_records
+    from .testbed.evaluate import limit_per_task
+
+    records = limit_per_task(load_records(cfg.prompts, "prompt"), cfg.limit_per_task)
+    _check_unique_ids(records, cfg.prompts)
+    n_clusters = cfg.n_clusters or default_n_clusters(len(records))
+    if n_clusters > len(records):
+        raise ConfigError(f"n_clusters={n_clusters} but there are only {len(records)} prompts")
+    return records, n_clusters
+
+
+def _read_reused_samples(cfg: SelectConfig, records: list[dict]) -> tuple[list[dict] | None, str, int]:
+    """An earlier run's scored samples when ``reuse_samples`` is set (else None, once the reward
+    has checked it can score these prompts), where they come from, and how many rows were skipped."""
+    from .rewards import check_reward_inputs
+
+    if not cfg.reuse_samples:
+        check_reward_inputs(cfg.reward, records, cfg.prompts)
+        return None, "drawn from the SFT policy", 0
+    samples, other_rows = read_scored_samples(Path(cfg.reuse_samples) / "scored_samples.jsonl", records)
+    return samples, f"reused from {cfg.reuse_samples}", other_rows
+
+
+def _best_per_prompt(cfg: SelectConfig, records: list[dict],
+                     samples: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``best_of_samples`` over the sample rows: (best_row, best, mean), each (P,), and the
+    number of responses that are not valid demonstrations."""
+    index = {r["id"]: i for i, r in enumerate(records)}
+    prompt_index = [index[s["id"]] for s in samples]
+    sample_scores = [math.nan if s["score"] is None else s["score"] for s in samples]
+    # A rehearsal pair must load as PPO's sft data: an empty (or NUL-carrying) response cannot be a best one.
+    usable = [_valid_demo(s["prompt"], s["response"]) for s in samples]
+    best_row, best, mean = best_of_samples(prompt_index, sample_scores, [s["truncated"] for s in samples],
+                                           len(records), cfg.drop_truncated, usable)
+    return best_row, best, mean, usable.count(False)
+
+
+def _embedding_texts(cfg: SelectConfig, records: list[dict], samples: list[dict], best_row: np.ndarray) -> list[str]:
+    """Each prompt, followed by its best response when ``embed_input`` asks for it (and it has one)."""
+    return [r["prompt"] if cfg.embed_input == "prompt" or best_row[i] < 0
+            else f"{r['prompt']}\n\n{samples[best_row[i]]['response']}" for i, r in enumerate(records)]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _write_split(out: Path, records: list[dict], samples: list[dict], rehearsal: np.ndarray, labels: np.ndarray,
+                 best_row: np.ndarray, best: np.ndarray, mean: np.ndarray) -> None:
+    """``rehearsal.jsonl`` (D_R as sft records: each prompt with its best response) and
+    ``ppo_prompts.jsonl`` (D_PPO as prompt records), both with their scores and cluster."""
+    in_r = np.zeros(len(records), dtype=bool)
+    in_r[rehearsal] = True
+    rehearsal_rows = []
+    for i in rehearsal:
+        r = records[i]
+        rehearsal_rows.append({"prompt": r["prompt"], "response": samples[best_row[i]]["response"], "task": r["task"],
+                               "id": r["id"], "score": _finite_or_none(best[i]), "score_mean": _finite_or_none(mean[i]),
+                               "cluster": int(labels[i]), **({"meta": r["meta"]} if "meta" in r else {})})
+    ppo_rows = [{**records[i], "score": _finite_or_none(best[i]), "score_mean": _finite_or_none(mean[i]),
+                 "cluster": int(labels[i])} for i in np.flatnonzero(~in_r)]
+    atomic_write_jsonl(out / "rehearsal.jsonl", rehearsal_rows)
+    atomic_write_jsonl(out / "ppo_prompts.jsonl", ppo_rows)
+
+
+def _write_report(out: Path, report: dict) -> None:
+    """``selection_report.{json,md}``, and the run's outcome in one line."""
+    atomic_write_json(out / "selection_report.json", report)
+    atomic_write_text(out / "selection_report.md", report_markdown(report))
+    best_means = {k: _f(report["scores"]["best"][k]["mean"]) for k in ("rehearsal", "ppo")}
+    print(f"[select] D_R {report['n_rehearsal']} prompts (best score {best_means['rehearsal']}), D_PPO "
+          f"{report['n_ppo']} ({best_means['ppo']}); {report['seconds']['total']:.1f}s -> {out}")
+
+
 def train(cfg: SelectConfig) -> dict:
     """Run the selection (the stage entry point, named like every stage's)."""
-    from .data import load_records
     from .models import default_device, free_memory
-    from .rewards import check_reward_inputs
 
     start_time = time.time()
     out = Path(cfg.out_dir)
     seconds: dict[str, float] = {}
 
     # 1. Data first: prompts (and reused samples) are validated before a model loads.
-    from .testbed.evaluate import limit_per_task
-
-    records = limit_per_task(load_records(cfg.prompts, "prompt"), cfg.limit_per_task)
-    _check_unique_ids(records, cfg.prompts)
+    records, n_clusters = _read_prompts(cfg)
     N = len(records)
-    n_clusters = cfg.n_clusters or default_n_clusters(N)
-    if n_clusters > N:
-        raise ConfigError(f"n_clusters={n_clusters} but there are only {N} prompts")
-    samples, samples_from, other_rows = None, "drawn from the SFT policy", 0
-    if cfg.reuse_samples:
-        samples, other_rows = read_scored_samples(Path(cfg.reuse_samples) / "scored_samples.jsonl", records)
-        samples_from = f"reused from {cfg.reuse_samples}"
-    else:
-        check_reward_inputs(cfg.reward, records, cfg.prompts)
+    samples, samples_from, other_rows = _read_reused_samples(cfg, records)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     seconds["load_data"] = time.time() - start_time
@@ -529,62 +614,31 @@ def train(cfg: SelectConfig) -> dict:
     # 2. n samples per prompt from π_SFT, scored (or those of an earlier run). Written at once:
     #    they are the expensive part, and a run that fails later can reuse them (reuse_samples=out_dir).
     device = default_device()
-    if samples is None:
-        samples, phase_seconds = _sample_and_score(cfg, records, device)
-        seconds.update(phase_seconds)
-        free_memory()
-    else:
-        seconds.update(load_models=0.0, sample=0.0, score=0.0)
+    samples, phase_seconds = _drawn_or_reused(cfg, records, samples, device)
+    seconds.update(phase_seconds)
     atomic_write_jsonl(out / "scored_samples.jsonl", samples)
 
     # 3. A prompt's score is its best (complete) sample's; the mean is kept beside it.
-    index = {r["id"]: i for i, r in enumerate(records)}
-    prompt_index = [index[s["id"]] for s in samples]
-    sample_scores = [math.nan if s["score"] is None else s["score"] for s in samples]
-    # A rehearsal pair must load as PPO's sft data: an empty (or NUL-carrying) response cannot be a best one.
-    usable = [_valid_demo(s["prompt"], s["response"]) for s in samples]
-    best_row, best, mean = best_of_samples(prompt_index, sample_scores, [s["truncated"] for s in samples], N,
-                                           cfg.drop_truncated, usable)
+    best_row, best, mean, invalid_responses = _best_per_prompt(cfg, records, samples)
 
     # 4. Sentence embeddings, L2-normalised: k-means on them clusters by cosine similarity.
-    t0 = time.time()
-    texts = [r["prompt"] if cfg.embed_input == "prompt" or best_row[i] < 0
-             else f"{r['prompt']}\n\n{samples[best_row[i]]['response']}" for i, r in enumerate(records)]
-    embeddings = _embed(cfg, texts, device)  # (N, d)
-    free_memory()
-    seconds["embed"] = time.time() - t0
+    with _timed(seconds, "embed"):
+        embeddings = _embed(cfg, _embedding_texts(cfg, records, samples, best_row), device)  # (N, d)
+        free_memory()
 
     # 5. k-means.
-    t0 = time.time()
-    algorithm = resolve_algorithm(cfg.algorithm, N)
-    labels = cluster(embeddings, n_clusters, cfg.seed, algorithm, cfg.n_init)  # (N,)
-    seconds["cluster"] = time.time() - t0
+    with _timed(seconds, "cluster"):
+        algorithm = resolve_algorithm(cfg.algorithm, N)
+        labels = cluster(embeddings, n_clusters, cfg.seed, algorithm, cfg.n_init)  # (N,)
 
     # 6. D_R: top-k per cluster (or an ablation of the same size); D_PPO: the rest.
-    t0 = time.time()
-    fraction = None if cfg.k_per_cluster is not None else cfg.rehearsal_fraction
-    rehearsal = select(labels, best, cfg.strategy, cfg.k_per_cluster, fraction, cfg.seed, cfg.min_score)
-    in_r = np.zeros(N, dtype=bool)
-    in_r[rehearsal] = True
-    seconds["select"] = time.time() - t0
+    with _timed(seconds, "select"):
+        fraction = None if cfg.k_per_cluster is not None else cfg.rehearsal_fraction
+        rehearsal = select(labels, best, cfg.strategy, cfg.k_per_cluster, fraction, cfg.seed, cfg.min_score)
 
     # 7. Outputs, each written atomically.
-    t0 = time.time()
-
-    def score(x: float) -> float | None:
-        return float(x) if math.isfinite(x) else None
-
-    rehearsal_rows = []
-    for i in rehearsal:
-        r = records[i]
-        rehearsal_rows.append({"prompt": r["prompt"], "response": samples[best_row[i]]["response"], "task": r["task"],
-                               "id": r["id"], "score": score(best[i]), "score_mean": score(mean[i]),
-                               "cluster": int(labels[i]), **({"meta": r["meta"]} if "meta" in r else {})})
-    ppo_rows = [{**records[i], "score": score(best[i]), "score_mean": score(mean[i]), "cluster": int(labels[i])}
-                for i in np.flatnonzero(~in_r)]
-    atomic_write_jsonl(out / "rehearsal.jsonl", rehearsal_rows)
-    atomic_write_jsonl(out / "ppo_prompts.jsonl", ppo_rows)
-    seconds["write"] = time.time() - t0
+    with _timed(seconds, "write"):
+        _write_split(out, records, samples, rehearsal, labels, best_row, best, mean)
     seconds["total"] = time.time() - start_time
     info = {
         "strategy": cfg.strategy, "prompts": cfg.prompts, "algorithm": algorithm, "embedder": cfg.embedder,
@@ -592,12 +646,8 @@ def train(cfg: SelectConfig) -> dict:
         "min_score": cfg.min_score, "seed": cfg.seed, "scorer": _scorer(cfg), "samples_from": samples_from,
         "samples_per_prompt": len(samples) / N,
         "prompts_without_usable_sample": int((best_row < 0).sum()),
-        "invalid_responses": usable.count(False), "seconds": seconds,
+        "invalid_responses": invalid_responses, "seconds": seconds,
     }
     report = build_report(records, labels, best, mean, rehearsal, info)
-    atomic_write_json(out / "selection_report.json", report)
-    atomic_write_text(out / "selection_report.md", report_markdown(report))
-    best_means = {k: _f(report["scores"]["best"][k]["mean"]) for k in ("rehearsal", "ppo")}
-    print(f"[select] D_R {report['n_rehearsal']} prompts (best score {best_means['rehearsal']}), D_PPO "
-          f"{report['n_ppo']} ({best_means['ppo']}); {seconds['total']:.1f}s -> {out}")
+    _write_report(out, report)
     return report

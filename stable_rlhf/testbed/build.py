@@ -249,9 +249,93 @@ def best_demonstrations(rows: list[dict], prompts_by_id: dict[str, dict]) -> lis
     return demos
 
 
+class _PolicySampling:
+    """build_data's resumable sampling steps (``_Stages``) with the SFT policy loaded once, on
+    the first step that has to run: a rebuild whose steps are all reused never loads it."""
+
+    def __init__(self, cfg: BuildDataConfig, out: Path, timings: dict[str, float]):
+        self.cfg = cfg
+        self.timings = timings
+        self.stages = _Stages(out)
+        self.policy: tuple | None = None  # (model, tokenizer, device) once loaded
+        # What every step's samples depend on besides its own prompts, n and seed.
+        self.model_key = to_dict(cfg.model), to_dict(cfg.generation), cfg.tasks, to_dict(cfg.sizes), cfg.seed
+
+    def run(self, name: str, records: list[dict], n: int, seed_offset: int) -> list[dict]:
+        """``n`` gold-scored samples per record, from ``name``.jsonl when its key is unchanged."""
+        key = _key(self.model_key, [r["id"] for r in records], n, seed_offset)
+        rows, self.timings[f"{name}_s"] = self.stages.run(
+            name, key, lambda: self._sample_and_score(records, n, self.cfg.seed + seed_offset)
+        )
+        return rows
+
+    def _sample_and_score(self, records: list[dict], n: int, seed: int) -> list[dict]:
+        from .evaluate import sample_and_score
+
+        model, tokenizer, device = self._load_policy()
+        return sample_and_score(model, tokenizer, records, self.cfg.generation, n, seed, self.cfg.workers, device)
+
+    def _load_policy(self) -> tuple:
+        from ..models import load_policy, make_accelerator
+
+        if self.policy is None:
+            t = time.time()
+            accelerator = make_accelerator(seed=self.cfg.seed)
+            model, tokenizer = load_policy(self.cfg.model, device=accelerator.device)
+            self.policy = model, tokenizer, accelerator.device
+            self.timings["load_policy_s"] = time.time() - t
+            print(f"[build] policy {self.cfg.model.name_or_path} loaded in {self.timings['load_policy_s']:.1f}s "
+                  f"on {accelerator.device}")
+        return self.policy
+
+
+def _labeler_stats(labeler: LabelerConfig, seed: int, prefs: list[dict], stats_train: dict, stats_eval: dict) -> dict:
+    """How often the simulated labels agree with the gold order: measured on ``prefs``, predicted
+    by the labeler model, and the spread over independent labelings of the same groups."""
+    all_golds = [p["gold"] for p in prefs]
+    scales = [TASKS[p["task"]].span for p in prefs]
+    scales = scales if labeler.per_task_scale else None
+    measured, n_pairs = measured_agreement(all_golds, [p["ranking"] for p in prefs])
+    predicted, _ = predicted_agreement(all_golds, labeler, scales)
+    panel = agreement_panel(all_golds, labeler, seed + 12, scales)
+    return {
+        "prompts": len(all_golds),
+        "pairs": n_pairs,
+        "agreement_measured": measured,
+        "agreement_predicted": predicted,
+        "agreement_single_labeling_std": panel["std"],
+        "agreement_panel_mean": panel["mean"],
+        "agreement_panel_draws": panel["draws"],
+        "train": stats_train,
+        "eval": stats_eval,
+        "config": to_dict(labeler),
+    }
+
+
+def _forgetting_prompts(rows: list[dict], prompts_by_id: dict[str, dict], min_score: float) -> list[dict]:
+    """The prompt records of ``select_forgetting_set``, each with its SFT score in meta."""
+    return [
+        {**prompts_by_id[pid], "meta": {**prompts_by_id[pid].get("meta", {}), "sft_gold_norm": score}}
+        for pid, score in select_forgetting_set(rows, min_score)
+    ]
+
+
+def _print_summary(table_text: str, summary: dict, out: Path) -> None:
+    s = summary["labeler"]
+    print(table_text)
+    print(
+        f"[build] labelers on {s['prompts']} prompts ({s['pairs']} pairs), agreement with the gold order: "
+        f"predicted {s['agreement_predicted']:.4f}; these labels {s['agreement_measured']:.4f} "
+        f"(one labeling varies by ±{s['agreement_single_labeling_std']:.4f}, 1σ); "
+        f"mean of {s['agreement_panel_draws']} independent labelings {s['agreement_panel_mean']:.4f}"
+    )
+    print(f"[build] forgetting set: {summary['counts']['forgetting_set']} prompts; "
+          f"headroom problems: {summary['headroom_problems'] or 'none'}")
+    print(f"[build] done in {summary['timings']['this_run_s']:.0f}s -> {out}")
+
+
 def build_data(cfg: BuildDataConfig) -> dict:
-    from ..models import load_policy, make_accelerator
-    from .evaluate import check_headroom, format_table, limit_per_task, sample_and_score, task_table
+    from .evaluate import check_headroom, format_table, limit_per_task, task_table
 
     start = time.time()
     out = Path(cfg.out_dir)
@@ -267,36 +351,10 @@ def build_data(cfg: BuildDataConfig) -> dict:
     forget_pool = limit_per_task(splits["forget_pool"], cfg.forget_pool_per_task)
 
     # 2-3. Sample from the SFT policy and score with the gold reward (resumable).
-    stages = _Stages(out)
-    loaded: dict = {}
-
-    def policy():
-        if not loaded:
-            t = time.time()
-            accelerator = make_accelerator(seed=cfg.seed)
-            loaded["model"], loaded["tokenizer"] = load_policy(cfg.model, device=accelerator.device)
-            loaded["device"] = accelerator.device
-            timings["load_policy_s"] = time.time() - t
-            print(f"[build] policy {cfg.model.name_or_path} loaded in {timings['load_policy_s']:.1f}s on {accelerator.device}")
-        return loaded["model"], loaded["tokenizer"], loaded["device"]
-
-    def sampler(records: list[dict], n: int, seed: int) -> Callable[[], list[dict]]:
-        def fn():
-            model, tokenizer, device = policy()
-            return sample_and_score(model, tokenizer, records, cfg.generation, n, seed, cfg.workers, device)
-
-        return fn
-
-    model_key = to_dict(cfg.model), to_dict(cfg.generation), cfg.tasks, to_dict(cfg.sizes), cfg.seed
-
-    def run_stage(name: str, records: list[dict], n: int, seed_offset: int) -> list[dict]:
-        key = _key(model_key, [r["id"] for r in records], n, seed_offset)
-        rows, timings[f"{name}_s"] = stages.run(name, key, sampler(records, n, cfg.seed + seed_offset))
-        return rows
-
-    train_rows = run_stage("samples_pref_train", pref_train, cfg.k, 1)
-    eval_rows = run_stage("samples_eval", pref_eval, cfg.k, 2)
-    forget_rows = run_stage("samples_forget_pool", forget_pool, cfg.forget_samples, 3)
+    sampling = _PolicySampling(cfg, out, timings)
+    train_rows = sampling.run("samples_pref_train", pref_train, cfg.k, 1)
+    eval_rows = sampling.run("samples_eval", pref_eval, cfg.k, 2)
+    forget_rows = sampling.run("samples_forget_pool", forget_pool, cfg.forget_samples, 3)
 
     # 4. Simulated labels -> K-ranked preference files; best samples -> SFT demonstrations.
     prefs_train, stats_train = preference_records(train_rows, prompts_by_id, cfg.labeler, cfg.seed + 10)
@@ -304,32 +362,11 @@ def build_data(cfg: BuildDataConfig) -> dict:
     atomic_write_jsonl(out / "preferences_train.jsonl", prefs_train)
     atomic_write_jsonl(out / "preferences_eval.jsonl", prefs_eval)
     atomic_write_jsonl(out / "sft_demos.jsonl", best_demonstrations(train_rows, prompts_by_id))
-    all_golds = [p["gold"] for p in prefs_train + prefs_eval]
-    scales = [TASKS[p["task"]].span for p in prefs_train + prefs_eval]
-    scales = scales if cfg.labeler.per_task_scale else None
-    measured, n_pairs = measured_agreement(all_golds, [p["ranking"] for p in prefs_train + prefs_eval])
-    predicted, _ = predicted_agreement(all_golds, cfg.labeler, scales)
-    panel = agreement_panel(all_golds, cfg.labeler, cfg.seed + 12, scales)
-    labeler_stats = {
-        "prompts": len(all_golds),
-        "pairs": n_pairs,
-        "agreement_measured": measured,
-        "agreement_predicted": predicted,
-        "agreement_single_labeling_std": panel["std"],
-        "agreement_panel_mean": panel["mean"],
-        "agreement_panel_draws": panel["draws"],
-        "train": stats_train,
-        "eval": stats_eval,
-        "config": to_dict(cfg.labeler),
-    }
+    labeler_stats = _labeler_stats(cfg.labeler, cfg.seed, prefs_train + prefs_eval, stats_train, stats_eval)
     atomic_write_json(out / "labeler_stats.json", labeler_stats)
 
     # 5. Forgetting set: held-out prompts the SFT policy already answers well.
-    chosen = select_forgetting_set(forget_rows, cfg.forget_min_score)
-    forget = [
-        {**prompts_by_id[pid], "meta": {**prompts_by_id[pid].get("meta", {}), "sft_gold_norm": score}}
-        for pid, score in chosen
-    ]
+    forget = _forgetting_prompts(forget_rows, prompts_by_id, cfg.forget_min_score)
     atomic_write_jsonl(out / "prompts_forget.jsonl", forget)
 
     # 6. The SFT policy's per-task table on the held-out samples.
@@ -353,13 +390,5 @@ def build_data(cfg: BuildDataConfig) -> dict:
         "timings": timings,
     }
     atomic_write_json(out / "summary.json", summary)
-    print(text)
-    print(
-        f"[build] labelers on {labeler_stats['prompts']} prompts ({n_pairs} pairs), agreement with the gold order: "
-        f"predicted {predicted:.4f}; these labels {measured:.4f} (one labeling varies by ±{panel['std']:.4f}, 1σ); "
-        f"mean of {panel['draws']} independent labelings {panel['mean']:.4f}"
-    )
-    print(f"[build] forgetting set: {len(forget)} prompts; headroom problems: {headroom or 'none'}")
-    print(f"[build] done in {timings['this_run_s']:.0f}s -> {out}")
+    _print_summary(text, summary, out)
     return summary
-

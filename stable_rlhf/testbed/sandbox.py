@@ -371,41 +371,11 @@ def run_python_tests(
             "func_name": func_name,
             "inputs": [a for a, _ in tests],
             "uid": uid,
-            "limits": {
-                "cpu_s": max(1, math.ceil(timeout_s)),
-                "memory_bytes": memory_mb * 1024 * 1024,
-                "fsize_bytes": 1024 * 1024,
-                # Root: a fresh uid owns nothing yet. Otherwise the cap counts every
-                # process we already own, so leave room for those.
-                "nproc": max_procs if is_root else _count_own_processes() + max_procs,
-            },
+            "limits": _limits(timeout_s, memory_mb, max_procs, is_root),
         }
-        payload_path = os.path.join(scratch, "payload.json")
-        fd = os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-        if is_root:
-            os.chown(scratch, uid, uid)  # the payload file stays root's and 0600
-        os.chmod(scratch, 0o700)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": scratch,
-            "TMPDIR": scratch,
-            "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONHASHSEED": "0",
-        }
+        payload_path = _write_payload(scratch, payload, uid)
         deadline = time.monotonic() + timeout_s
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _RUNNER, payload_path],
-            cwd=scratch,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # setsid(): its own session and process group
-            close_fds=True,
-        )
+        proc = _start_child(scratch, payload_path)
         lines, other, timed_out = _collect(proc, deadline, nonce)
     finally:
         if proc is not None:
@@ -414,14 +384,66 @@ def run_python_tests(
         if uid is not None:
             _remove_files_of(uid)
             _release_uid(uid)
+    passed, error = _tally(lines, tests, timed_out, proc.returncode)
+    return SandboxResult(passed, total, timed_out, error, other)
 
+
+def _limits(timeout_s: float, memory_mb: int, max_procs: int, is_root: bool) -> dict[str, int]:
+    """The rlimits the child's bootstrap sets before it drops privileges."""
+    return {
+        "cpu_s": max(1, math.ceil(timeout_s)),
+        "memory_bytes": memory_mb * 1024 * 1024,
+        "fsize_bytes": 1024 * 1024,
+        # Root: a fresh uid owns nothing yet. Otherwise the cap counts every
+        # process we already own, so leave room for those.
+        "nproc": max_procs if is_root else _count_own_processes() + max_procs,
+    }
+
+
+def _write_payload(scratch: str, payload: dict, uid: int | None) -> str:
+    """Write the payload into ``scratch`` (ours alone, 0600) and hand ``scratch`` to the sandbox uid."""
+    payload_path = os.path.join(scratch, "payload.json")
+    fd = os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    if uid is not None:
+        os.chown(scratch, uid, uid)  # the payload file stays root's and 0600
+    os.chmod(scratch, 0o700)
+    return payload_path
+
+
+def _start_child(scratch: str, payload_path: str) -> subprocess.Popen:
+    """The bootstrap in a fresh, isolated interpreter with a minimal environment, stdout and
+    stderr merged into one pipe."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": scratch,
+        "TMPDIR": scratch,
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONHASHSEED": "0",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _RUNNER, payload_path],
+        cwd=scratch,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # setsid(): its own session and process group
+        close_fds=True,
+    )
+
+
+def _tally(lines: list[dict], tests: list[list], timed_out: bool, returncode: int | None) -> tuple[int, str | None]:
+    """Tests passed and the error to report, from the child's result lines."""
     # The real runner emits one line per test index; keep the first (a forged line
     # would need the right output anyway, and never counts twice).
     by_index: dict[int, dict] = {}
     error = None
     for msg in lines:
         i = msg.get("i")
-        if isinstance(i, int) and 0 <= i < total:
+        if isinstance(i, int) and 0 <= i < len(tests):
             by_index.setdefault(i, msg)
         elif "error" in msg and error is None:
             error = str(msg["error"])
@@ -431,8 +453,8 @@ def run_python_tests(
     if timed_out:
         error = error or "timeout"
     elif not any(m.get("done") for m in lines) and error is None:
-        error = f"no result (exit code {proc.returncode})"
-    return SandboxResult(passed, total, timed_out, error, other)
+        error = f"no result (exit code {returncode})"
+    return passed, error
 
 
 def _collect(proc: subprocess.Popen, deadline: float, nonce: str) -> tuple[list[dict], str, bool]:
