@@ -197,3 +197,62 @@ def final_metrics(stats: dict) -> dict:
         out.update({"forget_win": stats["forget/win"], "forget_lose": stats["forget/lose"],
                     "forget_tie": stats["forget/tie"], "forget_gold": stats["forget/gold_norm"]})
     return out
+
+
+class TrainingEval:
+    """The eval side of a policy trainer (PPO, rejection sampling) on its ``Run``: the SFT
+    reference answers, an eval point before the first step, every ``eval.every`` steps and
+    after the last, and the run's end (the final policy, the last sample table, a closing
+    line, summary.json). The main process evaluates; the others wait."""
+
+    def __init__(self, run, cfg: EvalConfig, workers: int):
+        self.run, self.every = run, cfg.every
+        # Made before any model loads: it reads (and so validates) the eval and forgetting prompts.
+        self.evaluator = PolicyEvaluator(cfg, run.out, proxy=None, workers=workers) if run.is_main else None
+        self.last: dict = {}
+        """the stats of the latest eval point ({} on the other ranks)"""
+        self.last_step: int | None = None
+
+    def prepare(self, sft_model, tokenizer, proxy: Callable | None) -> None:
+        """The SFT reference answers, sampled from ``sft_model`` (None: saved by the run being
+        resumed, read back) and scored by ``proxy`` besides the gold reward (None: gold only)."""
+        if self.run.is_main:
+            self.evaluator.proxy = proxy
+            self.evaluator.prepare_reference(sft_model, tokenizer, self.run.device)
+        self.run.accelerator.wait_for_everyone()
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.every == 0 or step == last_step
+
+    def __call__(self, model, tokenizer, step: int, extra: dict | None = None) -> dict:
+        """An eval point (see ``eval_point``); step 0 is the SFT policy's."""
+        self.last = eval_point(self.evaluator, self.run.accelerator, self.run.log, model, tokenizer, step,
+                               self.run.name, extra)
+        self.last_step = step
+        return self.last
+
+    def final(self, model, tokenizer, step: int, extra: dict | None = None) -> None:
+        """The last step's eval point, unless it had one (a resumed run with nothing left to do,
+        or a last step skipped before its eval)."""
+        if self.last_step != step:
+            self(model, tokenizer, step, extra)
+
+    def summary(self, head: dict, tail: dict, **final) -> dict:
+        """summary.json: ``head``, the last eval point's ``final`` block (with ``final``) and
+        ``per_task`` block, ``tail``, the run's seconds."""
+        return {**head, "final": {**final_metrics(self.last), **final}, "per_task": per_task_final(self.last),
+                **tail, "seconds": self.run.seconds()}
+
+    def finish(self, model, tokenizer, step: int, summary: dict) -> dict:
+        """The final policy in out_dir/model, the last sample table, a closing line and (last)
+        summary.json; the trackers closed. Returns the summary ({} on the other ranks)."""
+        from .io import atomic_write_text
+        from .runs import save_policy
+
+        if self.run.is_main:
+            save_policy(model, tokenizer, self.run.out / "model")
+            atomic_write_text(self.run.out / "samples_final.md", self.evaluator.sample_table(step))
+            f = summary["final"]
+            self.run.print(f"done: gold {f['gold_reward']:.4f}, " + (f"KL {f['kl']}, " if "kl" in f else "")
+                           + f"win/lose/tie {f['win']:.3f}/{f['lose']:.3f}/{f['tie']:.3f} -> {self.run.out}")
+        return self.run.finish(summary)

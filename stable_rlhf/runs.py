@@ -16,14 +16,18 @@ resume test asks it to."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
 
 from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+LOG_WITH = ("tensorboard", "wandb", "none")
 
 
 def trainable_state(module) -> dict:
@@ -79,6 +83,22 @@ def flat_hparams(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
+
+
+@contextlib.contextmanager
+def timed(times: dict, key: str):
+    """``times[key]``: the wall-clock seconds the block took."""
+    t0 = time.time()
+    yield
+    times[key] = time.time() - t0
+
+
+def unwrap(model):
+    """The model itself, not the DDP wrapper ``accelerator.prepare`` put around it under
+    several processes: for sampling, no-grad passes and checkpoints."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
 
 
 def tensorboard_writer(accelerator):
@@ -213,14 +233,17 @@ class Run:
 
     ``cfg`` is the stage's config: it needs ``out_dir`` and ``seed``; ``log_with`` is
     'tensorboard', 'wandb' (when installed) or 'none'. ``fresh_files`` / ``fresh_dirs`` are
-    what else a fresh run must clear (samples, kept sets, a final model)."""
+    what else a fresh run must clear (samples, kept sets, a final model); ``step_name`` is
+    what a step is called in messages (rejection sampling's are iterations)."""
 
     def __init__(self, cfg, name: str, *, log_with: str = "none", keep_checkpoints: int = 1,
-                 fresh_files: tuple[str, ...] = (), fresh_dirs: tuple[str, ...] = ()):
+                 fresh_files: tuple[str, ...] = (), fresh_dirs: tuple[str, ...] = (), step_name: str = "step"):
         from .models import make_accelerator
         from .rng import seed_everything
 
-        self.cfg, self.name, self.log_with, self.keep = cfg, name, log_with, keep_checkpoints
+        _check_log_with(log_with)
+        self.started = time.time()
+        self.cfg, self.name, self.log_with, self.keep, self.step_name = cfg, name, log_with, keep_checkpoints, step_name
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.fresh_files = ("metrics.jsonl", "summary.json", *fresh_files)
@@ -255,7 +278,7 @@ class Run:
             set_rng_state(state["rng"][self.rank])
             if self.is_main:
                 truncate_metrics(self.out / "metrics.jsonl", state["step"])
-            self.print(f"resumed from {ckpt} (step {state['step']})")
+            self.print(f"resumed from {ckpt} ({self.step_name} {state['step']})")
         self.accelerator.wait_for_everyone()
         if self.log_with != "none":
             self.accelerator.init_trackers(self.name, config=flat_hparams(to_dict(self.cfg)))
@@ -270,9 +293,31 @@ class Run:
 
         return tqdm(total=total, initial=initial, desc=self.name, disable=not self.is_main)
 
+    def metrics(self) -> list[dict]:
+        """The rows of metrics.jsonl so far (read them on the main process)."""
+        path = self.out / "metrics.jsonl"
+        return read_jsonl(path) if path.exists() else []
+
+    def seconds(self) -> float:
+        """Wall-clock seconds since the run was made."""
+        return time.time() - self.started
+
     def finish(self, summary: dict) -> dict:
         """summary.json (main process), trackers closed; returns the summary."""
         if self.is_main:
             atomic_write_json(self.out / "summary.json", summary)
         self.accelerator.end_training()
         return summary
+
+
+def _check_log_with(log_with: str) -> None:
+    """Before anything trains: a known tracker, and wandb only where it is installed."""
+    import importlib.util
+
+    from .config import ConfigError
+
+    if log_with not in LOG_WITH:
+        raise ConfigError(f"log_with must be one of {', '.join(LOG_WITH)}, not {log_with!r}")
+    if log_with == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log_with=wandb needs the wandb package (pip install wandb); "
+                          "or log with tensorboard or none")
