@@ -6,21 +6,24 @@ The InstructGPT objective (shared/DESIGN.md), with the implementation details of
     max E_{x~D, y~π}[ s(x, y) - β·log(π(y|x) / π_ref(y|x)) ]
         + γ_ptx · E_{(x,y)~D_ptx}[log π(y|x)] + γ_R · E_{(x,y)~D_R}[log π(y|x)]
 
-``train(cfg)`` as a recipe, one PPO step per rollout:
+``train(cfg)`` is the recipe, one PPO step per rollout, each step a function below:
 
-1. sample a batch of prompts; generate with the KV cache (left-padded queries);
-2. score the responses; subtract a penalty from those that ran out of tokens without
-   an end-of-turn; normalise RM scores with running global moments;
-3. under no_grad, once per rollout: logprobs, reference logprobs and values;
-4. per-token rewards -β·KL with the score added at the last real token; GAE (γ, λ);
-   whitened advantages;
-5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value
-   loss, plus γ_ptx / γ_R NLL on demonstration minibatches; a step whose loss or scores
-   are not finite is skipped and logged, and too many in a row stop the run;
-6. KL controller update; every stability signal logged;
-7. at eval intervals: gold reward and proxy per task, win/lose/tie against the SFT
-   policy (and the forgetting set), samples; at save intervals an atomic checkpoint with
-   everything needed to continue exactly (``resume=true``).
+1. ``sample_rollout``: the next batch of prompts; responses with the KV cache (left-padded
+   queries);
+2. ``score``: the score source's scores, less a penalty for a response that ran out of
+   tokens without an end-of-turn; RM scores normalised with running global moments. A
+   non-finite score skips the step (``skip_step``), and too many in a row stop the run;
+3. ``forward``, under no_grad, once per rollout: logprobs, reference logprobs and values;
+4. ``gae_advantages``: per-token rewards -β·KL with the score added at the last real
+   token; GAE (γ, λ); whitened advantages. Another estimator (GRPO, RLOO) is another
+   function of the same signature, filling the same fields of the ``Rollout``;
+5. ``update``: ``ppo_epochs`` passes over shuffled minibatches of ``ppo_loss`` (clipped
+   policy loss, clipped value loss) plus ``nll_mix_loss`` (γ_ptx / γ_R NLL on demonstration
+   minibatches); an update whose loss or gradient is not finite is skipped and counted;
+6. ``log_step``: the KL controller's update; every stability signal logged;
+7. at eval intervals: gold reward and proxy per task, win/lose/tie against the SFT policy
+   (and the forgetting set), samples; at save intervals an atomic checkpoint of the
+   ``PPOState``, everything needed to continue exactly (``resume=true``).
 
 The reference policy is a frozen copy of the initial policy, or, with LoRA, the same
 network with its adapters disabled. The value model is a ``ScoreModel``: initialised
@@ -34,13 +37,12 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, NoReturn, Optional
 
 import torch
 
-from .generation import generate
-from .config import GenerationConfig, ModelConfig, save_config, to_dict
-from .io import atomic_write_json, atomic_write_text, read_jsonl
+from .config import GenerationConfig, ModelConfig
+from .generation import Generation, generate
 from .losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -55,22 +57,21 @@ from .losses import (
     policy_loss,
     value_loss,
 )
-from .policy_eval import EvalConfig, PolicyEvaluator, eval_point, final_metrics, per_task_final
+from .models import free_memory
+from .policy_eval import EvalConfig, TrainingEval
 from .rewards import RewardConfig, build_reward, check_reward_inputs
-from .rng import seed_everything, set_rng_state
+from .runs import NonFiniteError  # noqa: F401  (ppo.NonFiniteError: what a stopped run raises)
 from .runs import (
-    RunLog,
-    clear_run_dir,
+    NonFiniteGuard,
+    Run,
+    all_finite,
+    clipped_step,
     fault_point,
-    flat_hparams,
-    latest_checkpoint,
     load_trainable,
     mean_stats,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    save_policy,
+    timed,
     trainable_state,
-    truncate_metrics,
+    unwrap,
 )
 from .sft import DemoBatches, encode_demos, sequence_nll
 
@@ -219,8 +220,10 @@ class PPOConfig:
             raise ValueError("save_every, keep_checkpoints and max_bad_steps must be >= 1")
 
 
-class NonFiniteError(RuntimeError):
-    """Raised after ``max_bad_steps`` consecutive non-finite steps; a checkpoint is saved first."""
+
+def nll_mixes(cfg: PPOConfig) -> dict[str, NLLMixConfig]:
+    """The NLL terms that are on (data given, γ > 0), by name: ptx, then rehearsal."""
+    return {name: mix for name, mix in (("ptx", cfg.ptx), ("rehearsal", cfg.rehearsal)) if mix.data and mix.coef > 0}
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -257,61 +260,224 @@ def _chunks(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- run state
+
+
+@dataclasses.dataclass
+class PPOState:
+    """What a PPO run carries from step to step; ``state_dict`` is what a checkpoint saves and
+    resume restores (the models' trainable parameters only: frozen weights never change)."""
+
+    policy: Any
+    """the policy, as ``accelerator.prepare`` returned it (DDP-wrapped under several processes)"""
+    value_model: Any
+    """V(x, y_<t): a ``ScoreModel`` read per token, prepared like the policy"""
+    reference: Any
+    """the frozen initial policy; None with LoRA: the policy with its adapters disabled"""
+    tokenizer: Any
+    optimizer: Any
+    """AdamW over the policy, the value model's body and its head"""
+    scheduler: Any
+    kl_ctl: AdaptiveKLController | FixedKLController
+    score_moments: RunningMoments
+    """running global moments of the scores (their normalisation)"""
+    prompt_stream: DemoBatches
+    """global batches of prompts, in the same order on every rank"""
+    mix_streams: dict[str, DemoBatches]
+    """demonstration minibatches of each NLL term that is on"""
+    guard: NonFiniteGuard
+    step: int = 0
+
+    @property
+    def policy_module(self):
+        return unwrap(self.policy)
+
+    @property
+    def value_module(self):
+        return unwrap(self.value_model)
+
+    def state_dict(self) -> dict:
+        return {"policy": trainable_state(self.policy_module), "value": trainable_state(self.value_module),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+                "prompt_stream": self.prompt_stream.state_dict(),
+                "mix_streams": {n: s.state_dict() for n, s in self.mix_streams.items()},
+                "step": self.step, **self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainable(self.policy_module, state["policy"], "policy")
+        load_trainable(self.value_module, state["value"], "value")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.prompt_stream.load_state_dict(state["prompt_stream"])
+        for name, s in state["mix_streams"].items():
+            self.mix_streams[name].load_state_dict(s)
+        self.step = state["step"]
+        self.guard.load_state_dict(state)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rollout and what a PPO step computes from it. Token tensors are (B, Tr) over the
+    response tokens, zero past each response's end (``mask`` False)."""
+
+    records: list[dict]
+    """this rank's prompt records"""
+    gen: Generation
+    """queries and sampled responses: token ids, masks, texts, truncated flags"""
+    started: float
+    """when the step began (time.time())"""
+    times: dict[str, float] = dataclasses.field(default_factory=dict)
+    raw_scores: Optional[torch.Tensor] = None
+    """(B,) the score source's"""
+    scores: Optional[torch.Tensor] = None
+    """(B,) what the reward adds: less the missing-EOS penalty, normalised, clipped"""
+    logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    rewards: Optional[torch.Tensor] = None
+    """-β·KL per token, plus the score at the last real token"""
+    kl: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.gen.response_mask
+
+
+# --------------------------------------------------------------------------- the recipe
 
 
 def train(cfg: PPOConfig) -> dict:
-    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
+    """PPO, one step per rollout (the module docstring's recipe)."""
+    prompts, demos = load_data(cfg)  # every file is validated before a model loads
+    run = Run(cfg, "ppo", log_with=cfg.log_with, keep_checkpoints=cfg.keep_checkpoints,
+              fresh_files=("samples_final.md",), fresh_dirs=("samples", "model"))
+    evals = TrainingEval(run, cfg.eval, cfg.reward.workers)
+    state, reward = setup(run, cfg, prompts, demos)
+    resumed = run.start(cfg.resume)
+    # The SFT reference answers come from the initial policy, before any update (a resumed
+    # run reads the ones it saved then).
+    evals.prepare(None if resumed else state.policy_module, state.tokenizer,
+                  None if cfg.reward.source == "gold" else reward)
+    if resumed:
+        state.load_state_dict(resumed)
+    else:
+        evals(state.policy_module, state.tokenizer, 0)
 
+    bar = run.progress(cfg.steps, state.step)
+    while state.step < cfg.steps:
+        rollout = sample_rollout(run, cfg, state)  # 1. prompts -> responses
+        if not score(run, cfg, state, rollout, reward):  # 2. scores (a non-finite one skips the step)
+            skip_step(run, state)
+            bar.update(1)
+            continue
+        forward(run, cfg, state, rollout)  # 3. logprobs, ref_logprobs, values (no grad)
+        gae_advantages(cfg, rollout, state.kl_ctl.value)  # 4. rewards -> advantages, returns
+        update_stats, skipped = update(run, cfg, state, rollout)  # 5. PPO epochs of minibatches
+        state.step += 1
+        fault_point("train", state.step)
+        stats, stop = log_step(run, cfg, state, rollout, update_stats, skipped)  # 6. KL controller, stats
+        bar.update(1)
+        bar.set_postfix(score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+        if stop:
+            halt(run, state, "losses")
+        if evals.due(state.step, cfg.steps):  # 7. eval and checkpoint
+            evals(state.policy_module, state.tokenizer, state.step)
+        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            run.checkpoint(state.step, state.state_dict())
+        free_memory()
+    bar.close()
+    return finish(run, cfg, state, evals)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def load_data(cfg: PPOConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The prompts (checked against the score source) and the demonstrations of each NLL term."""
     from .data import load_records
-    from .models import apply_lora, free_memory, freeze_lower_layers, load_policy, load_score_model, make_accelerator
 
-    start_time = time.time()
-    out = Path(cfg.out_dir)
-
-    # 1. Data first: every file is validated before a model loads.
     prompts = load_records(cfg.prompts, "prompt")
     check_reward_inputs(cfg.reward, prompts, cfg.prompts)
-    mixes = {name: (mix, load_records(mix.data, "sft")) for name, mix in (("ptx", cfg.ptx), ("rehearsal", cfg.rehearsal))
-             if mix.data and mix.coef > 0}
-    out.mkdir(parents=True, exist_ok=True)
+    return prompts, {name: load_records(mix.data, "sft") for name, mix in nll_mixes(cfg).items()}
 
-    seed_everything(cfg.seed)
-    accelerator = make_accelerator(seed=cfg.seed, log_with=None if cfg.log_with == "none" else cfg.log_with,
-                                   project_dir=str(out / "tensorboard"))
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    if main:
-        save_config(cfg, out / "config.yaml")
 
-    # 2. Models: policy (+ reference), value model, score source.
-    policy, tokenizer = load_policy(cfg.model, device=device)
+def setup(run: Run, cfg: PPOConfig, prompts: list[dict], demos: dict[str, list[dict]]) -> tuple[PPOState, Any]:
+    """The models (loaded in a fixed order: their random initialisation draws from the seeded
+    RNG), the score source, the optimiser and the streams; returns the state and the score source."""
+    policy, reference, tokenizer = _load_policy(run, cfg)
+    reward = build_reward(cfg.reward, device=run.device)
+    value_model, value_init = _load_value_model(run, cfg, tokenizer)
+    optimizer, scheduler = _optimizer(cfg, policy, value_model, value_init)
+    policy, value_model, optimizer = run.accelerator.prepare(policy, value_model, optimizer)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    state = PPOState(
+        policy, value_model, reference, tokenizer, optimizer, scheduler, kl_ctl, RunningMoments(),
+        prompt_stream=DemoBatches(prompts, cfg.batch_size * run.world, cfg.seed),
+        mix_streams={name: DemoBatches(demos[name], mix.batch_size, cfg.seed + 1 + run.rank)
+                     for name, mix in nll_mixes(cfg).items()},
+        guard=NonFiniteGuard(cfg.max_bad_steps))
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    run.print(f"{len(prompts)} prompts, reward {cfg.reward.source}, {run.world} process(es) on {run.device}; "
+              f"{n_train / 1e6:.1f}M trainable policy parameters; {cfg.steps} steps of {cfg.batch_size * run.world} "
+              f"rollouts")
+    return state, reward
+
+
+def _load_policy(run: Run, cfg: PPOConfig):
+    """The policy, its reference (None with LoRA) and the tokenizer."""
+    from .models import apply_lora, load_policy
+
+    policy, tokenizer = load_policy(cfg.model, device=run.device)
     reference = None
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
     else:
-        reference, _ = load_policy(cfg.model, device=device)
+        reference, _ = load_policy(cfg.model, device=run.device)
         reference.requires_grad_(False)
     policy.eval()  # no dropout: the PPO ratio of the first minibatch is exactly 1
+    return policy, reference, tokenizer
 
-    reward = build_reward(cfg.reward, device=device)
+
+def _load_value_model(run: Run, cfg: PPOConfig, tokenizer):
+    """The value model and the score model it starts from (None: the policy's backbone with a new head)."""
+    from .models import freeze_lower_layers, load_score_model
+
     value_init = cfg.value_model or (cfg.reward.path if cfg.reward.source != "gold" else None)
     if value_init and not _same_tokenizer(value_init, tokenizer):
         # A value model reads the policy's tokens: a score model on another backbone (e.g. an
         # encoder RM) cannot be its init. An explicit value_model must match; the default falls back.
         if cfg.value_model:
             raise ValueError(f"value_model {value_init} uses a different tokenizer from the policy")
-        if main:
-            print(f"[ppo] the score model {value_init} has another tokenizer than the policy: the value model "
+        run.print(f"the score model {value_init} has another tokenizer than the policy: the value model "
                   "starts from the policy backbone with a new head")
         value_init = None
-    value_model, _ = load_score_model(cfg.model, device=device, init_from=value_init)
+    value_model, _ = load_score_model(cfg.model, device=run.device, init_from=value_init)
     if value_init is None and cfg.value_head_init == "zero":
         with torch.no_grad():
             value_model.head.weight.zero_()
             value_model.head.bias.zero_()
     freeze_lower_layers(value_model, cfg.value_train_layers)
     value_model.eval()
+    return value_model, value_init
+
+
+def _same_tokenizer(score_model_dir: str, tokenizer) -> bool:
+    from transformers import AutoTokenizer
+
+    if not Path(score_model_dir, "tokenizer_config.json").is_file():
+        return True  # saved without one: it was trained with the policy's
+    return AutoTokenizer.from_pretrained(score_model_dir).get_vocab() == tokenizer.get_vocab()
+
+
+def _optimizer(cfg: PPOConfig, policy, value_model, value_init):
+    """AdamW with three learning rates (policy, value body, value head) and its schedule."""
+    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
     head_ids = {id(p) for p in value_model.head.parameters()}
     groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -323,257 +489,202 @@ def train(cfg: PPOConfig) -> dict:
     updates_per_step = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     scheduler = (get_constant_schedule(optimizer) if cfg.lr_schedule == "constant"
                  else get_linear_schedule_with_warmup(optimizer, 0, cfg.steps * updates_per_step))
-    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
-    unwrapped_policy = accelerator.unwrap_model(policy)
+    return optimizer, scheduler
 
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else FixedKLController(cfg.kl_coef))
-    score_moments = RunningMoments()
-    prompt_stream = DemoBatches(prompts, cfg.batch_size * world, cfg.seed)  # same order on every rank
-    mix_streams = {name: DemoBatches(demos, mix.batch_size, cfg.seed + 1 + rank) for name, (mix, demos) in mixes.items()}
-    evaluator = PolicyEvaluator(cfg.eval, out, proxy=None if cfg.reward.source == "gold" else reward,
-                                workers=cfg.reward.workers) if main else None
 
-    # Resume: the latest complete checkpoint restores everything the loop depends on.
-    step, bad_in_row = 0, 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if main:
-        remove_partial_checkpoints(out)
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        load_trainable(unwrapped_policy, state["policy"], "policy")
-        load_trainable(accelerator.unwrap_model(value_model), state["value"], "value")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        score_moments.load_state_dict(state["score_moments"])
-        prompt_stream.load_state_dict(state["prompt_stream"])
-        for name, s in state["mix_streams"].items():
-            mix_streams[name].load_state_dict(s)
-        set_rng_state(state["rng"][rank])
-        step, bad_in_row = state["step"], state["bad_in_row"]
-        if main:
-            truncate_metrics(out / "metrics.jsonl", step)
-            print(f"[ppo] resumed from {ckpt} (step {step})")
-    elif main:
-        clear_run_dir(out, files=("metrics.jsonl", "summary.json", "samples_final.md"),
-                      dirs=("samples", "checkpoints", "model"))
-    if cfg.log_with != "none":
-        accelerator.init_trackers("ppo", config=flat_hparams(to_dict(cfg)))
+# --------------------------------------------------------------------------- a PPO step
 
-    log = RunLog(accelerator, out)
 
-    def checkpoint() -> None:
-        save_checkpoint(accelerator, out, step, {
-            "policy": trainable_state(unwrapped_policy), "value": trainable_state(accelerator.unwrap_model(value_model)),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kl_ctl": kl_ctl.state_dict(),
-            "score_moments": score_moments.state_dict(), "prompt_stream": prompt_stream.state_dict(),
-            "mix_streams": {n: s.state_dict() for n, s in mix_streams.items()}, "step": step,
-            "bad_in_row": bad_in_row}, cfg.keep_checkpoints)
+def sample_rollout(run: Run, cfg: PPOConfig, state: PPOState) -> Rollout:
+    """This rank's slice of the next global batch of prompts, and a response to each (a seed
+    per step and rank: ranks sample different responses)."""
+    started = time.time()
+    records = state.prompt_stream.next()[run.rank * cfg.batch_size : (run.rank + 1) * cfg.batch_size]
+    times: dict[str, float] = {}
+    with timed(times, "time/generate"):
+        gen = generate(state.policy_module, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
+                       seed=cfg.seed * 1_000_003 + state.step * run.world + run.rank, device=run.device).to(run.device)
+    return Rollout(records, gen, started, times)
 
-    def evaluate() -> dict:
-        return eval_point(evaluator, accelerator, log, unwrapped_policy, tokenizer, step, "ppo")
 
-    if main:
-        n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-        print(f"[ppo] {len(prompts)} prompts, reward {cfg.reward.source}, {world} process(es) on {device}; "
-              f"{n_train / 1e6:.1f}M trainable policy parameters; {cfg.steps} steps of {cfg.batch_size * world} "
-              f"rollouts")
-        # The SFT reference answers come from the initial policy, before any update (a resumed
-        # run reads the ones it saved then).
-        evaluator.prepare_reference(unwrapped_policy if step == 0 else None, tokenizer, device)
-    accelerator.wait_for_everyone()
-    last_eval = evaluate() if step == 0 else {}
-    eval_step = 0 if step == 0 else -1
+def score(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, reward) -> bool:
+    """The scores the reward uses: the source's, less ``missing_eos_penalty`` for a response
+    that ran out of tokens, then normalised with running global moments and clipped. False
+    (and nothing normalised) when a score is not finite on some rank."""
+    with timed(rollout.times, "time/score"):
+        rollout.raw_scores = reward(rollout.records, rollout.gen.responses).to(run.device)  # (B,)
+    scores = rollout.raw_scores - cfg.missing_eos_penalty * rollout.gen.truncated.float()
+    if not all_finite(run.accelerator, scores):
+        return False
+    if cfg.reward.running_normalisation:
+        state.score_moments.update(run.accelerator.gather(scores))
+        scores = (scores - state.score_moments.mean) / max(state.score_moments.std, 1e-6)
+    if cfg.score_clip is not None:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    rollout.scores = scores
+    return True
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="ppo", disable=not main)
-    while step < cfg.steps:
-        t_step = time.time()
-        times: dict[str, float] = {}
-        # 1. Prompts (each rank its slice of the global batch) and rollouts.
-        batch_records = prompt_stream.next()[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-        t0 = time.time()
-        gen = generate(unwrapped_policy, tokenizer, [r["prompt"] for r in batch_records], cfg.generation,
-                       seed=cfg.seed * 1_000_003 + step * world + rank, device=device).to(device)
-        times["time/generate"] = time.time() - t0
+def skip_step(run: Run, state: PPOState) -> None:
+    """A rollout with a non-finite score: no update, a metrics row that says so; too many in a
+    row stop the run."""
+    stop = state.guard.end_step(bad=True)
+    state.step += 1
+    run.log({"step": state.step, "skipped": 1, "skip_reason": "non-finite score", "bad_in_row": state.guard.bad_in_row})
+    run.print(f"step {state.step}: non-finite score, step skipped ({state.guard.bad_in_row} in a row)")
+    if stop:
+        halt(run, state, "scores or losses")
 
-        # 2. Scores.
-        t0 = time.time()
-        raw_scores = reward(batch_records, gen.responses).to(device)  # (B,)
-        times["time/score"] = time.time() - t0
-        scores = raw_scores - cfg.missing_eos_penalty * gen.truncated.float()
-        all_finite = bool(accelerator.gather(torch.isfinite(scores).all().float()[None]).min().item())
-        if not all_finite:
-            bad_in_row += 1
-            step += 1
-            log({"step": step, "skipped": 1, "skip_reason": "non-finite score", "bad_in_row": bad_in_row})
-            print(f"[ppo] step {step}: non-finite score, step skipped ({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_bad_steps:
-                checkpoint()
-                raise NonFiniteError(f"{bad_in_row} consecutive steps with non-finite scores or losses; stopped at "
-                                     f"step {step}; last checkpoint in {out / 'checkpoints'}")
-            bar.update(1)
-            continue
-        if cfg.reward.running_normalisation:
-            score_moments.update(accelerator.gather(scores))
-            scores = (scores - score_moments.mean) / max(score_moments.std, 1e-6)
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
 
-        # 3. Logprobs, reference logprobs and values, once per rollout.
-        t0 = time.time()
-        B = len(gen)
-        mask = gen.response_mask
-        with torch.no_grad():
-            logprobs, ref_logprobs, values = [], [], []
-            for sl in _chunks(B, cfg.forward_batch_size):
-                args = (gen.query_ids[sl], gen.query_mask[sl], gen.response_ids[sl], gen.response_mask[sl])
-                logprobs.append(response_logprobs(unwrapped_policy, *args, cfg.generation.temperature)[0])
-                if reference is None:
-                    with unwrapped_policy.disable_adapter():
-                        ref_logprobs.append(response_logprobs(unwrapped_policy, *args, cfg.generation.temperature)[0])
-                else:
-                    ref_logprobs.append(response_logprobs(reference, *args, cfg.generation.temperature)[0])
-                values.append(response_values(accelerator.unwrap_model(value_model), *args))
-            logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
-            logprobs, ref_logprobs = logprobs * mask, ref_logprobs * mask
-            values = values * mask
-        times["time/forward"] = time.time() - t0
+def halt(run: Run, state: PPOState, what: str) -> NoReturn:
+    """Stop after too many bad steps in a row, with a checkpoint to resume from."""
+    run.checkpoint(state.step, state.state_dict())
+    raise state.guard.error(state.step, run.out, what)
 
-        # 4. Rewards and advantages.
-        rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
 
-        # 5. PPO epochs of minibatches.
-        t0 = time.time()
-        policy.eval()
-        value_model.eval()
-        update_stats: list[dict] = []
-        skipped_updates = 0
-        warmup = step < cfg.critic_warmup  # value-only updates: the policy is neither run nor stepped
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch))
-            for mb in order.split(cfg.mini_batch_size):
-                mb = mb.to(device)
-                mb_args = (gen.query_ids[mb], gen.query_mask[mb], gen.response_ids[mb], gen.response_mask[mb])
-                mb_mask = mask[mb]
-                optimizer.zero_grad(set_to_none=True)
-                # One backward per forward (DDP marks each parameter ready once per backward):
-                # with NLL terms the policy's gradients are all-reduced with the last of them.
-                mb_mixes = {} if warmup else mixes
-                with accelerator.no_sync(policy) if mb_mixes else contextlib.nullcontext():
-                    mb_values = response_values(value_model, *mb_args)
-                    vf_loss, vf_stats = value_loss(mb_values, values[mb], returns[mb], mb_mask, cfg.cliprange_value)
-                    if warmup:
-                        loss, stats = cfg.vf_coef * vf_loss, {**vf_stats, "policy/critic_warmup": 1.0}
-                    else:
-                        mb_logprobs, mb_entropy = response_logprobs(policy, *mb_args, cfg.generation.temperature,
-                                                                    with_entropy=True)
-                        pg_loss, pg_stats = policy_loss(mb_logprobs, logprobs[mb], advantages[mb], mb_mask,
-                                                        cfg.cliprange)
-                        loss = pg_loss + cfg.vf_coef * vf_loss
-                        stats = {**pg_stats, **vf_stats, "policy/entropy": masked_mean(mb_entropy, mb_mask).item()}
-                    accelerator.backward(loss)
-                losses = [loss.detach()]
-                for i, (name, (mix, _)) in enumerate(mb_mixes.items()):
-                    rows = mix_streams[name].next()
-                    demo = encode_demos(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                        max_length=mix.max_length, system_prompt=cfg.generation.system_prompt)
-                    with accelerator.no_sync(policy) if i < len(mb_mixes) - 1 else contextlib.nullcontext():
-                        nll, _ = sequence_nll(policy, demo)
-                        accelerator.backward(mix.coef * nll)
-                    stats[f"loss/{name}"] = nll.item()
-                    losses.append(mix.coef * nll.detach())
-                stats["loss/total"] = float(sum(l.detach() for l in losses))
-                grad_norm = accelerator.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-                # a NaN/inf anywhere (score, loss, gradient) shows in the loss or the norm
-                ok = torch.isfinite(torch.stack([torch.as_tensor(stats["loss/total"]), grad_norm.detach().cpu()]))
-                if not bool(accelerator.gather(ok.all().float()[None].to(device)).min().item()):
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped_updates += 1
-                    continue
-                stats["optim/grad_norm"] = float(grad_norm)
-                optimizer.step()
-                scheduler.step()
-                update_stats.append(stats)
-        times["time/update"] = time.time() - t0
-        step += 1
-        fault_point("train", step)
+@torch.no_grad()
+def forward(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> None:
+    """Once per rollout, in chunks of ``forward_batch_size`` rows: the policy's logprobs, the
+    reference's and the values, each (B, Tr), zero past the response."""
+    gen, temperature, mask = rollout.gen, cfg.generation.temperature, rollout.mask
+    policy, value_model = state.policy_module, state.value_module
+    with timed(rollout.times, "time/forward"):
+        logprobs, ref_logprobs, values = [], [], []
+        for sl in _chunks(len(gen), cfg.forward_batch_size):
+            args = (gen.query_ids[sl], gen.query_mask[sl], gen.response_ids[sl], gen.response_mask[sl])
+            logprobs.append(response_logprobs(policy, *args, temperature)[0])
+            if state.reference is None:  # LoRA: the reference is the network without its adapters
+                with policy.disable_adapter():
+                    ref_logprobs.append(response_logprobs(policy, *args, temperature)[0])
+            else:
+                ref_logprobs.append(response_logprobs(state.reference, *args, temperature)[0])
+            values.append(response_values(value_model, *args))
+        rollout.logprobs, rollout.ref_logprobs = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask
+        rollout.values = torch.cat(values) * mask
 
-        # 6. KL controller and the step's statistics.
-        seq_kl = kl.sum(-1)  # (B,)
-        kl_ctl.update(accelerator.gather(seq_kl).mean().item(), B * world)
-        if skipped_updates:
-            bad_in_row += 1
-            print(f"[ppo] step {step}: {skipped_updates} minibatch update(s) skipped for a non-finite loss "
-                  f"({bad_in_row} step(s) in a row)")
-        else:
-            bad_in_row = 0
-        stats = {"step": step, **mean_stats(update_stats), **times, "time/step": time.time() - t_step,
-                 "objective/score": accelerator.gather(raw_scores).mean().item(),
-                 "objective/score_used": accelerator.gather(scores).mean().item(),
-                 "objective/kl": accelerator.gather(seq_kl).mean().item(),
-                 "objective/non_score_reward": accelerator.gather((rewards.sum(-1) - scores)).mean().item(),
-                 "objective/kl_coef": kl_ctl.value,
-                 "value/explained_variance": explained_variance(values, returns, mask),
-                 "value/mean": masked_mean(values, mask).item(),
-                 "policy/response_tokens": mask.sum(-1).float().mean().item(),
-                 "policy/truncated": gen.truncated.float().mean().item(),
-                 "skipped_updates": skipped_updates}
-        for task in sorted({r["task"] for r in batch_records}):
-            idx = [i for i, r in enumerate(batch_records) if r["task"] == task]
-            stats[f"score/{task}/mean"] = raw_scores[idx].mean().item()
-        log(stats)
-        bar.update(1)
-        bar.set_postfix(score=f"{stats['objective/score']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-        if bad_in_row >= cfg.max_bad_steps:
-            checkpoint()
-            raise NonFiniteError(f"{bad_in_row} consecutive steps with non-finite losses; stopped at step {step}; "
-                                 f"last checkpoint in {out / 'checkpoints'}")
 
-        # 7. Eval and checkpoints.
-        if step % cfg.eval.every == 0 or step == cfg.steps:
-            last_eval, eval_step = evaluate(), step
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            checkpoint()
-        free_memory()
-    bar.close()
+def gae_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> None:
+    """PPO's estimator: per-token rewards -β·KL with the score at the last real token
+    (Ziegler et al.), GAE(γ, λ) against the values, advantages whitened over the rollout."""
+    rollout.rewards, rollout.kl = kl_penalised_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                                       rollout.mask, kl_coef, cfg.kl_estimator)
+    advantages, rollout.returns = gae(rollout.rewards, rollout.values, rollout.mask, cfg.gamma, cfg.lam)
+    rollout.advantages = masked_whiten(advantages, rollout.mask) if cfg.whiten_advantages else advantages
 
-    if eval_step != step:  # a resumed run that had nothing left to do
-        last_eval = evaluate()
+
+def update(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> tuple[list[dict], int]:
+    """``ppo_epochs`` passes over shuffled minibatches, one optimiser step each; returns the
+    stats of the steps taken and how many were skipped (a non-finite loss or gradient norm).
+    During the critic warm-up only the value model trains: the policy is neither run nor
+    stepped, and no NLL term is mixed in."""
+    state.policy.eval()
+    state.value_model.eval()
+    warmup = state.step < cfg.critic_warmup
+    mixes = {} if warmup else nll_mixes(cfg)
+    params = [p for g in state.optimizer.param_groups for p in g["params"]]
+    update_stats, skipped = [], 0
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(rollout.gen), generator=torch.Generator().manual_seed(
+            cfg.seed * 7919 + state.step * 31 + epoch))
+        for mb in order.split(cfg.mini_batch_size):
+            state.optimizer.zero_grad(set_to_none=True)
+            # One backward per forward (DDP marks each parameter ready once per backward): with
+            # NLL terms the policy's gradients are all-reduced with the last of them.
+            with run.accelerator.no_sync(state.policy) if mixes else contextlib.nullcontext():
+                loss, stats = ppo_loss(cfg, state, rollout, mb.to(run.device), warmup)
+                run.accelerator.backward(loss)
+            losses = [loss.detach()]
+            for name, mix in mixes.items():
+                losses.append(nll_mix_loss(run, state, name, mix, cfg.generation.system_prompt, stats,
+                                           sync=name == list(mixes)[-1]))
+            stats["loss/total"] = float(sum(l.detach() for l in losses))
+            grad_norm = clipped_step(run.accelerator, state.optimizer, params, cfg.grad_clip, stats["loss/total"],
+                                     state.scheduler)
+            if grad_norm is None:
+                skipped += 1
+                continue
+            update_stats.append({**stats, "optim/grad_norm": grad_norm})
+    return update_stats, skipped
+
+
+def ppo_loss(cfg: PPOConfig, state: PPOState, rollout: Rollout, mb: torch.Tensor, warmup: bool):
+    """The clipped value loss of minibatch ``mb`` (row indices) and, after the critic warm-up,
+    the clipped policy loss: (loss, stats)."""
+    gen = rollout.gen
+    mb_args = (gen.query_ids[mb], gen.query_mask[mb], gen.response_ids[mb], gen.response_mask[mb])
+    mb_mask = rollout.mask[mb]
+    mb_values = response_values(state.value_model, *mb_args)
+    vf_loss, vf_stats = value_loss(mb_values, rollout.values[mb], rollout.returns[mb], mb_mask, cfg.cliprange_value)
+    if warmup:
+        return cfg.vf_coef * vf_loss, {**vf_stats, "policy/critic_warmup": 1.0}
+    mb_logprobs, mb_entropy = response_logprobs(state.policy, *mb_args, cfg.generation.temperature,
+                                                with_entropy=True)
+    pg_loss, pg_stats = policy_loss(mb_logprobs, rollout.logprobs[mb], rollout.advantages[mb], mb_mask, cfg.cliprange)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    return loss, {**pg_stats, **vf_stats, "policy/entropy": masked_mean(mb_entropy, mb_mask).item()}
+
+
+def nll_mix_loss(run: Run, state: PPOState, name: str, mix: NLLMixConfig, system_prompt: Optional[str],
+                 stats: dict, sync: bool) -> torch.Tensor:
+    """γ · NLL of the next demonstrations of an NLL term (PPO-ptx, selective rehearsal),
+    backpropagated; logs ``loss/<name>`` and returns γ · NLL (detached). ``sync``: the
+    step's last backward, the one that all-reduces the policy's gradients."""
+    rows = state.mix_streams[name].next()
+    demo = encode_demos(state.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                        max_length=mix.max_length, system_prompt=system_prompt)
+    with contextlib.nullcontext() if sync else run.accelerator.no_sync(state.policy):
+        nll, _ = sequence_nll(state.policy, demo)
+        run.accelerator.backward(mix.coef * nll)
+    stats[f"loss/{name}"] = nll.item()
+    return mix.coef * nll.detach()
+
+
+def log_step(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, update_stats: list[dict],
+             skipped: int) -> tuple[dict, bool]:
+    """The KL controller's update and the step's statistics, logged; returns them and whether
+    the run must stop (too many steps in a row with a skipped update)."""
+    gather = run.accelerator.gather
+    mask, scores = rollout.mask, rollout.scores
+    seq_kl = rollout.kl.sum(-1)  # (B,)
+    state.kl_ctl.update(gather(seq_kl).mean().item(), len(rollout.gen) * run.world)
+    stop = state.guard.end_step(bad=skipped > 0)
+    if skipped:
+        run.print(f"step {state.step}: {skipped} minibatch update(s) skipped for a non-finite loss "
+                  f"({state.guard.bad_in_row} step(s) in a row)")
+    stats = {"step": state.step, **mean_stats(update_stats), **rollout.times,
+             "time/step": time.time() - rollout.started,
+             "objective/score": gather(rollout.raw_scores).mean().item(),
+             "objective/score_used": gather(scores).mean().item(),
+             "objective/kl": gather(seq_kl).mean().item(),
+             "objective/non_score_reward": gather((rollout.rewards.sum(-1) - scores)).mean().item(),
+             "objective/kl_coef": state.kl_ctl.value,
+             "value/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
+             "value/mean": masked_mean(rollout.values, mask).item(),
+             "policy/response_tokens": mask.sum(-1).float().mean().item(),
+             "policy/truncated": rollout.gen.truncated.float().mean().item(),
+             "skipped_updates": skipped}
+    for task in sorted({r["task"] for r in rollout.records}):
+        idx = [i for i, r in enumerate(rollout.records) if r["task"] == task]
+        stats[f"score/{task}/mean"] = rollout.raw_scores[idx].mean().item()
+    run.log(stats)
+    return stats, stop
+
+
+# --------------------------------------------------------------------------- the end
+
+
+def finish(run: Run, cfg: PPOConfig, state: PPOState, evals: TrainingEval) -> dict:
+    """The final eval point (unless the last step had one), then the final policy (LoRA
+    adapters merged into it), the last sample table and summary.json."""
+    model = state.policy_module
+    evals.final(model, state.tokenizer, state.step)
     summary = {}
-    if main:
-        save_policy(unwrapped_policy.merge_and_unload() if cfg.lora.enabled else unwrapped_policy, tokenizer,
-                    out / "model")
-        history = read_jsonl(out / "metrics.jsonl")
+    if run.is_main:
+        history = run.metrics()
         last_train = [r for r in history if "objective/kl" in r]
-        summary = {
-            "steps": step,
-            "reward": cfg.reward.source,
-            "final": {**final_metrics(last_eval), "kl": last_train[-1]["objective/kl"] if last_train else None},
-            "per_task": per_task_final(last_eval),
-            "skipped_steps": sum(1 for r in history if r.get("skipped")),
-            "seconds": time.time() - start_time,
-        }
-        atomic_write_json(out / "summary.json", summary)
-        atomic_write_text(out / "samples_final.md", evaluator.sample_table(step))
-        print(f"[ppo] done: gold {summary['final']['gold_reward']:.4f}, KL {summary['final']['kl']}, "
-              f"win/lose/tie {summary['final']['win']:.3f}/{summary['final']['lose']:.3f}/"
-              f"{summary['final']['tie']:.3f} -> {out}")
-    accelerator.end_training()
-    return summary
-
-
-def _same_tokenizer(score_model_dir: str, tokenizer) -> bool:
-    from transformers import AutoTokenizer
-
-    if not Path(score_model_dir, "tokenizer_config.json").is_file():
-        return True  # saved without one: it was trained with the policy's
-    return AutoTokenizer.from_pretrained(score_model_dir).get_vocab() == tokenizer.get_vocab()
-
-
+        summary = evals.summary({"steps": state.step, "reward": cfg.reward.source},
+                                {"skipped_steps": sum(1 for r in history if r.get("skipped"))},
+                                kl=last_train[-1]["objective/kl"] if last_train else None)
+        if cfg.lora.enabled:
+            model = model.merge_and_unload()
+    return evals.finish(model, state.tokenizer, state.step, summary)

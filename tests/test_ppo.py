@@ -252,3 +252,20 @@ def test_ptx_and_rehearsal_nll_terms_are_mixed_in_and_logged(tmp_path):
         # total = policy + vf_coef·value + γ_ptx·NLL + γ_R·NLL (γ_R keeps its 0.01 default)
         expected = r["loss/policy"] + 0.1 * r["loss/value"] + 0.5 * r["loss/ptx"] + 0.01 * r["loss/rehearsal"]
         assert r["loss/total"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_a_tracker_that_cannot_start_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from stable_rlhf.config import ConfigError
+    from stable_rlhf.runs import Run
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    cfg = SimpleNamespace(out_dir=str(tmp_path / "run"), seed=0)
+    with pytest.raises(ConfigError, match="wandb package"):
+        Run(cfg, "ppo", log_with="wandb")
+    with pytest.raises(ConfigError, match="log_with must be one of tensorboard, wandb, none"):
+        Run(cfg, "ppo", log_with="mlflow")
+    assert not (tmp_path / "run").exists()  # no run directory, no accelerator, no model
