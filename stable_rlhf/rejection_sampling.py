@@ -1,18 +1,19 @@
 """``stable-rlhf rejection-sampling``: best-of-n fine-tuning (Llama 2's rejection sampling, RAFT).
 
-Per iteration (shared/DESIGN.md, "Rejection sampling"):
+Per iteration (shared/DESIGN.md, "Rejection sampling"), each step a function below:
 
-1. take the next ``prompts_per_iteration`` prompts from a seeded, resumable stream;
-2. sample ``n`` responses to each from the *current* policy (a seed per iteration);
-3. score every sample with the score source (gold, RM, AM, per-task RM);
-4. keep the best sample of each prompt (``select_best``: ties go to the first sample;
-   optionally only complete responses, and only if the best reaches ``threshold``);
-5. ``epochs`` passes of NLL fine-tuning on the kept (x, y), the same NLL as SFT
-   (``sft.encode_demos`` + ``sft.sequence_nll``: prompt tokens masked);
-6. log the iteration's statistics; write the kept samples to ``kept/iter-NNNN.jsonl``;
-7. evaluate (gold reward per task, win/lose/tie against the initial policy, forgetting
-   set) and save an atomic checkpoint with everything needed to continue exactly
-   (``resume=true``).
+1. ``sample``: the next ``prompts_per_iteration`` prompts from a seeded, resumable stream,
+   and ``n`` responses to each from the *current* policy (a seed per iteration);
+2. ``score``: every sample scored by the score source (gold, RM, AM, per-task RM);
+3. ``select``: the best sample of each prompt (``select_best``: ties go to the first
+   sample; optionally only complete responses, and only if the best reaches ``threshold``),
+   gathered from every rank;
+4. ``finetune``: ``epochs`` passes of NLL fine-tuning on the kept (x, y), the same NLL as
+   SFT (``sft.encode_demos`` + ``sft.sequence_nll``: prompt tokens masked);
+5. ``log_iteration``: the iteration's statistics; the kept samples in ``kept/iter-NNNN.jsonl``;
+6. evaluate (gold reward per task, win/lose/tie against the initial policy, forgetting
+   set) and save an atomic checkpoint of the ``RSState``, everything needed to continue
+   exactly (``resume=true``).
 
 Scores are the source's own (no running normalisation): best-of-n only compares the
 samples of one prompt, so any monotone rescaling would keep the same ones; only
@@ -25,30 +26,17 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from .config import GenerationConfig, ModelConfig, save_config, to_dict
-from .generation import generate
-from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .policy_eval import EvalConfig, PolicyEvaluator, eval_point, final_metrics, per_task_final
-from .runs import (
-    RunLog,
-    clear_run_dir,
-    fault_point,
-    flat_hparams,
-    latest_checkpoint,
-    load_trainable,
-    mean_stats,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    save_policy,
-    trainable_state,
-    truncate_metrics,
-)
+from .config import GenerationConfig, ModelConfig
+from .generation import Generation, generate
+from .io import atomic_write_jsonl
+from .models import free_memory
+from .policy_eval import EvalConfig, TrainingEval
 from .rewards import RewardConfig, build_reward, check_reward_inputs
-from .rng import seed_everything, set_rng_state
+from .runs import Run, clipped_step, fault_point, load_trainable, mean_stats, timed, trainable_state, unwrap
 from .sft import DemoBatches, encode_demos, sequence_nll
 
 
@@ -139,43 +127,194 @@ def select_best(
     return [best[p] for p in sorted(best)]
 
 
-# --------------------------------------------------------------------------- fine-tuning
+
+# --------------------------------------------------------------------------- run state
 
 
-def _finetune(policy, tokenizer, optimizer, accelerator, kept: list[dict], cfg: RejectionSamplingConfig,
-              iteration: int) -> tuple[list[dict], int]:
+@dataclasses.dataclass
+class RSState:
+    """What rejection sampling carries from iteration to iteration; ``state_dict`` is what a
+    checkpoint saves and resume restores."""
+
+    policy: Any
+    """the policy, as ``accelerator.prepare`` returned it (DDP-wrapped under several processes)"""
+    tokenizer: Any
+    optimizer: Any
+    """AdamW at a constant learning rate; its state carries across iterations"""
+    prompt_stream: DemoBatches
+    """global batches of prompts, in the same order on every rank"""
+    iteration: int = 0
+
+    @property
+    def policy_module(self):
+        return unwrap(self.policy)
+
+    def state_dict(self) -> dict:
+        return {"policy": trainable_state(self.policy_module), "optimizer": self.optimizer.state_dict(),
+                "prompt_stream": self.prompt_stream.state_dict(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_trainable(self.policy_module, state["policy"], "policy")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.prompt_stream.load_state_dict(state["prompt_stream"])
+        self.iteration = state["iteration"]
+
+
+@dataclasses.dataclass
+class Samples:
+    """One iteration's samples on this rank: ``n`` per prompt, prompt-major."""
+
+    records: list[dict]
+    """(P * n,) the prompt record of each sample"""
+    gen: Generation
+    scores: Optional[torch.Tensor] = None
+    """(P * n,) the score source's, on the CPU"""
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def train(cfg: RejectionSamplingConfig) -> dict:
+    """Iterations of sample -> score -> select -> fine-tune (the module docstring's recipe)."""
+    from .data import load_records
+
+    prompts = load_records(cfg.prompts, "prompt")  # every file is validated before a model loads
+    check_reward_inputs(cfg.reward, prompts, cfg.prompts)
+    run = Run(cfg, "rejection-sampling", log_with=cfg.log_with, keep_checkpoints=cfg.keep_checkpoints,
+              fresh_files=("samples_final.md",), fresh_dirs=("samples", "kept"), step_name="iteration")
+    evals = TrainingEval(run, cfg.eval, cfg.reward.workers)
+    state, reward = setup(run, cfg, prompts)
+    resumed = run.start(cfg.resume)
+    # The SFT reference answers come from the initial policy, before a checkpoint loads (a
+    # resumed run reads the ones it saved).
+    evals.prepare(state.policy_module, state.tokenizer, None if cfg.reward.source == "gold" else reward)
+    if resumed:
+        state.load_state_dict(resumed)
+        _drop_later_kept(run, state.iteration)
+    else:
+        evals(state.policy_module, state.tokenizer, 0, {"iteration": 0})
+
+    while state.iteration < cfg.iterations:
+        state.iteration += 1
+        started, times = time.time(), {}
+        samples = sample(run, cfg, state, times)  # 1. prompts -> n responses each
+        score(samples, reward, times)  # 2. scores
+        kept, sampled = select(cfg, state.iteration, samples)  # 3. the best of n, from every rank
+        with timed(times, "time/update"):  # 4. NLL fine-tuning on the kept samples
+            update_stats, skipped = finetune(run, cfg, state, kept) if kept else ([], 0)
+        fault_point("train", state.iteration)
+        times["time/iteration"] = time.time() - started
+        log_iteration(run, cfg, state, kept, sampled, update_stats, skipped, times)  # 5. statistics
+        if evals.due(state.iteration, cfg.iterations):  # 6. eval and checkpoint
+            evals(state.policy_module, state.tokenizer, state.iteration, {"iteration": state.iteration})
+        run.checkpoint(state.iteration, state.state_dict())
+        free_memory()
+    return finish(run, cfg, state, evals)
+
+
+def setup(run: Run, cfg: RejectionSamplingConfig, prompts: list[dict]) -> tuple[RSState, Any]:
+    """The policy, the score source, the optimiser and the prompt stream; returns the state
+    and the score source."""
+    from .models import load_policy
+
+    policy, tokenizer = load_policy(cfg.model, device=run.device)
+    reward = build_reward(cfg.reward, device=run.device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    policy, optimizer = run.accelerator.prepare(policy, optimizer)
+    state = RSState(policy, tokenizer, optimizer,
+                    DemoBatches(prompts, cfg.prompts_per_iteration * run.world, cfg.seed))
+    state.policy_module.eval()
+    run.print(f"{len(prompts)} prompts, reward {cfg.reward.source}, {run.world} process(es) on {run.device}; "
+              f"{cfg.iterations} iterations of best-of-{cfg.n} on {cfg.prompts_per_iteration * run.world} prompts")
+    return state, reward
+
+
+def _drop_later_kept(run: Run, iteration: int) -> None:
+    """The kept sets of the iterations after the checkpoint: they will be made again."""
+    if run.is_main:
+        for later in (run.out / "kept").glob("iter-*.jsonl"):
+            if int(later.stem.split("-")[1]) > iteration:
+                later.unlink()
+
+
+# --------------------------------------------------------------------------- an iteration
+
+
+def sample(run: Run, cfg: RejectionSamplingConfig, state: RSState, times: dict) -> Samples:
+    """This rank's slice of the iteration's prompts and ``n`` samples of each from the current
+    policy (a seed per iteration and rank)."""
+    P = cfg.prompts_per_iteration
+    records = state.prompt_stream.next()[run.rank * P : (run.rank + 1) * P]
+    with timed(times, "time/generate"):
+        gen = generate(state.policy_module, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
+                       n=cfg.n, seed=cfg.seed * 1_000_003 + state.iteration * run.world + run.rank,
+                       device=run.device)
+    return Samples([records[i] for i in gen.prompt_index], gen)
+
+
+def score(samples: Samples, reward, times: dict) -> None:
+    with timed(times, "time/score"):
+        samples.scores = reward(samples.records, samples.gen.responses).float().cpu()  # (P * n,)
+
+
+def select(cfg: RejectionSamplingConfig, iteration: int, samples: Samples) -> tuple[list[dict], list[dict]]:
+    """The best sample of each prompt (``select_best``) and a summary row of every sample,
+    from every rank (in rank order)."""
+    from accelerate.utils import gather_object
+
+    rows, gen, scores = samples.records, samples.gen, samples.scores
+    keep = select_best(gen.prompt_index, scores, gen.truncated, cfg.threshold, cfg.drop_truncated)
+    kept = [{"iteration": iteration, "id": rows[i]["id"], "task": rows[i]["task"], "prompt": rows[i]["prompt"],
+             "response": gen.responses[i], "score": float(scores[i])} for i in keep]
+    tokens = gen.response_mask.sum(-1).tolist()
+    sampled = [{"task": r["task"], "score": float(s), "truncated": bool(t), "tokens": int(k)}
+               for r, s, t, k in zip(rows, scores.tolist(), gen.truncated.tolist(), tokens)]
+    return gather_object(kept), gather_object(sampled)
+
+
+def finetune(run: Run, cfg: RejectionSamplingConfig, state: RSState, kept: list[dict]) -> tuple[list[dict], int]:
     """``cfg.epochs`` shuffled passes of NLL steps over the kept samples (every process holds
     all of them); one step per ``batch_size * world`` samples, each rank taking its stride.
 
     Returns the per-step statistics and the number of steps skipped for a non-finite loss
     or gradient."""
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = run.rank, run.world
     step_stats, skipped = [], 0
-    policy.train()
+    state.policy.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(
-            cfg.seed * 7919 + iteration * 31 + epoch)).tolist()
+            cfg.seed * 7919 + state.iteration * 31 + epoch)).tolist()
         for start in range(0, len(order), cfg.batch_size * world):
             mine = order[start : start + cfg.batch_size * world][rank::world]
             # A rank left without rows in the last batch still runs a (zero-weight) forward and
             # backward: DDP all-reduces gradients on every backward of every rank.
             rows = [kept[i] for i in (mine or order[:1])]
-            batch = encode_demos(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+            batch = encode_demos(state.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                  cfg.max_length, cfg.generation.system_prompt)
-            nll, stats = sequence_nll(policy, batch)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(nll if mine else 0.0 * nll)
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            ok = torch.isfinite(torch.stack([nll.detach().float(), grad_norm.detach().float()])).all()
-            if not bool(accelerator.gather(ok.float()[None]).min().item()):
-                optimizer.zero_grad(set_to_none=True)
+            nll, stats = sequence_nll(state.policy, batch)
+            state.optimizer.zero_grad(set_to_none=True)
+            run.accelerator.backward(nll if mine else 0.0 * nll)
+            grad_norm = clipped_step(run.accelerator, state.optimizer, state.policy.parameters(), cfg.grad_clip, nll)
+            if grad_norm is None:
                 skipped += 1
-                continue
-            optimizer.step()
-            if mine:
-                step_stats.append({**stats, "optim/grad_norm": float(grad_norm)})
-    policy.eval()
+            elif mine:
+                step_stats.append({**stats, "optim/grad_norm": grad_norm})
+    state.policy.eval()
     return step_stats, skipped
+
+
+def log_iteration(run: Run, cfg: RejectionSamplingConfig, state: RSState, kept: list[dict], sampled: list[dict],
+                  update_stats: list[dict], skipped: int, times: dict) -> None:
+    """The iteration's statistics (logged, and a line printed) and its kept samples."""
+    n_prompts = cfg.prompts_per_iteration * run.world
+    stats = {"step": state.iteration, "iteration": state.iteration, **_iteration_stats(sampled, kept, n_prompts),
+             **mean_stats(update_stats), "optim/steps": len(update_stats), "skipped_updates": skipped, **times}
+    run.log(stats)
+    if run.is_main:
+        atomic_write_jsonl(run.out / "kept" / f"iter-{state.iteration:04d}.jsonl", kept)
+    run.print(f"iteration {state.iteration}: score {_fmt(stats['objective/score'])}, kept {len(kept)}/{n_prompts} "
+              f"(score {_fmt(stats['objective/kept_score'])}), "
+              + (f"nll {_fmt(stats.get('loss/nll'))}" if kept else "no update"))
 
 
 def _iteration_stats(sampled: list[dict], kept: list[dict], n_prompts: int) -> dict:
@@ -207,162 +346,20 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-# --------------------------------------------------------------------------- training
+
+# --------------------------------------------------------------------------- the end
 
 
-def train(cfg: RejectionSamplingConfig) -> dict:
-    from accelerate.utils import gather_object
-
-    from .data import load_records
-    from .models import free_memory, load_policy, make_accelerator
-
-    start_time = time.time()
-    out = Path(cfg.out_dir)
-
-    # 1. Data first: every file is validated before a model loads.
-    prompts = load_records(cfg.prompts, "prompt")
-    check_reward_inputs(cfg.reward, prompts, cfg.prompts)
-    out.mkdir(parents=True, exist_ok=True)
-
-    seed_everything(cfg.seed)
-    accelerator = make_accelerator(seed=cfg.seed, log_with=None if cfg.log_with == "none" else cfg.log_with,
-                                   project_dir=str(out / "tensorboard"))
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    # The evaluator reads (and so validates) the eval and forgetting prompts.
-    evaluator = PolicyEvaluator(cfg.eval, out, proxy=None, workers=cfg.reward.workers) if main else None
-
-    # 2. Policy, score source, optimiser, prompt stream.
-    policy, tokenizer = load_policy(cfg.model, device=device)
-    reward = build_reward(cfg.reward, device=device)
-    if main and cfg.reward.source != "gold":
-        evaluator.proxy = reward  # eval/proxy: the optimised score of the eval answers
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    unwrapped_policy = accelerator.unwrap_model(policy)
-    unwrapped_policy.eval()
-    prompt_stream = DemoBatches(prompts, cfg.prompts_per_iteration * world, cfg.seed)  # same order on every rank
-
-    # 3. A fresh run clears what an earlier run left in out_dir; then the SFT reference answers
-    #    come from the initial policy (read back from out_dir on resume), before any checkpoint loads.
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is None and main:
-        clear_run_dir(out, files=("metrics.jsonl", "summary.json", "samples_final.md"),
-                      dirs=("samples", "kept", "checkpoints"))
-    elif main:
-        remove_partial_checkpoints(out)
-    accelerator.wait_for_everyone()
-    if main:
-        save_config(cfg, out / "config.yaml")
-        evaluator.prepare_reference(unwrapped_policy, tokenizer, device)
-    iteration = 0
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        load_trainable(unwrapped_policy, state["policy"], "policy")
-        optimizer.load_state_dict(state["optimizer"])
-        prompt_stream.load_state_dict(state["prompt_stream"])
-        set_rng_state(state["rng"][rank])
-        iteration = state["iteration"]
-        if main:
-            truncate_metrics(out / "metrics.jsonl", iteration)
-            for later in (out / "kept").glob("iter-*.jsonl"):
-                if int(later.stem.split("-")[1]) > iteration:
-                    later.unlink()
-            print(f"[rejection-sampling] resumed from {ckpt} (iteration {iteration})")
-    if cfg.log_with != "none":
-        accelerator.init_trackers("rejection-sampling", config=flat_hparams(to_dict(cfg)))
-
-    log = RunLog(accelerator, out)
-
-    def checkpoint() -> None:
-        # "step-" names: runs.latest_checkpoint finds them; a step here is an iteration.
-        save_checkpoint(accelerator, out, iteration, {
-            "policy": trainable_state(unwrapped_policy), "optimizer": optimizer.state_dict(),
-            "prompt_stream": prompt_stream.state_dict(), "iteration": iteration}, cfg.keep_checkpoints)
-
-    def evaluate() -> dict:
-        return eval_point(evaluator, accelerator, log, unwrapped_policy, tokenizer, iteration, "rejection-sampling",
-                          {"iteration": iteration})
-
-    if main:
-        print(f"[rejection-sampling] {len(prompts)} prompts, reward {cfg.reward.source}, {world} process(es) on "
-              f"{device}; {cfg.iterations} iterations of best-of-{cfg.n} on {cfg.prompts_per_iteration * world} "
-              f"prompts")
-    # None until an eval ran in this process (every rank gets {} from evaluate but the main one).
-    last_eval = evaluate() if iteration == 0 else None
-
-    while iteration < cfg.iterations:
-        iteration += 1
-        t_iter, times = time.time(), {}
-        # 1. This rank's slice of the iteration's prompts.
-        P = cfg.prompts_per_iteration
-        records = prompt_stream.next()[rank * P : (rank + 1) * P]
-
-        # 2. n samples per prompt from the current policy, prompt-major.
-        t0 = time.time()
-        gen = generate(unwrapped_policy, tokenizer, [r["prompt"] for r in records], cfg.generation, n=cfg.n,
-                       seed=cfg.seed * 1_000_003 + iteration * world + rank, device=device)
-        times["time/generate"] = time.time() - t0
-        rows = [records[i] for i in gen.prompt_index]  # (P * n,) records
-
-        # 3. Scores.
-        t0 = time.time()
-        scores = reward(rows, gen.responses).float().cpu()  # (P * n,)
-        times["time/score"] = time.time() - t0
-
-        # 4. Best of n per prompt; every rank gets every kept sample (in rank order).
-        keep = select_best(gen.prompt_index, scores, gen.truncated, cfg.threshold, cfg.drop_truncated)
-        kept = [{"iteration": iteration, "id": rows[i]["id"], "task": rows[i]["task"], "prompt": rows[i]["prompt"],
-                 "response": gen.responses[i], "score": float(scores[i])} for i in keep]
-        tokens = gen.response_mask.sum(-1).tolist()
-        sampled = [{"task": r["task"], "score": float(s), "truncated": bool(t), "tokens": int(k)}
-                   for r, s, t, k in zip(rows, scores.tolist(), gen.truncated.tolist(), tokens)]
-        kept, sampled = gather_object(kept), gather_object(sampled)
-
-        # 5. NLL fine-tuning on the kept samples.
-        t0 = time.time()
-        update_stats, skipped = _finetune(policy, tokenizer, optimizer, accelerator, kept, cfg, iteration) \
-            if kept else ([], 0)
-        times["time/update"] = time.time() - t0
-        fault_point("train", iteration)
-
-        # 6. Statistics and the kept samples.
-        stats = {"step": iteration, "iteration": iteration, **_iteration_stats(sampled, kept, P * world),
-                 **mean_stats(update_stats), "optim/steps": len(update_stats), "skipped_updates": skipped,
-                 **times, "time/iteration": time.time() - t_iter}
-        log(stats)
-        if main:
-            atomic_write_jsonl(out / "kept" / f"iter-{iteration:04d}.jsonl", kept)
-            print(f"[rejection-sampling] iteration {iteration}: score {_fmt(stats['objective/score'])}, kept "
-                  f"{len(kept)}/{P * world} (score {_fmt(stats['objective/kept_score'])}), "
-                  + (f"nll {_fmt(stats.get('loss/nll'))}" if kept else "no update"))
-
-        # 7. Eval and checkpoint.
-        if iteration % cfg.eval.every == 0 or iteration == cfg.iterations:
-            last_eval = evaluate()
-        checkpoint()
-        free_memory()
-
-    if last_eval is None:  # a resumed run that had nothing left to do
-        last_eval = evaluate()
+def finish(run: Run, cfg: RejectionSamplingConfig, state: RSState, evals: TrainingEval) -> dict:
+    """The final eval point (unless the last iteration had one), then the final policy, the
+    last sample table and summary.json."""
+    model, iteration = state.policy_module, state.iteration
+    evals.final(model, state.tokenizer, iteration, {"iteration": iteration})
     summary = {}
-    if main:
-        save_policy(unwrapped_policy, tokenizer, out / "model")
-        history = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kept" in r]
+    if run.is_main:
+        history = [r for r in run.metrics() if "objective/kept" in r]
         n_kept = sum(r["objective/kept"] for r in history)
-        summary = {
-            "iterations": iteration,
-            "reward": cfg.reward.source,
-            "final": final_metrics(last_eval),
-            "per_task": per_task_final(last_eval),
-            "kept": n_kept,
-            "kept_fraction": n_kept / max(1, len(history) * cfg.prompts_per_iteration * world),
-            "skipped_updates": sum(r.get("skipped_updates", 0) for r in history),
-            "seconds": time.time() - start_time,
-        }
-        atomic_write_json(out / "summary.json", summary)
-        atomic_write_text(out / "samples_final.md", evaluator.sample_table(iteration))
-        print(f"[rejection-sampling] done: gold {summary['final']['gold_reward']:.4f}, win/lose/tie "
-              f"{summary['final']['win']:.3f}/{summary['final']['lose']:.3f}/{summary['final']['tie']:.3f} -> {out}")
-    accelerator.end_training()
-    return summary
+        summary = evals.summary({"iterations": iteration, "reward": cfg.reward.source}, {
+            "kept": n_kept, "kept_fraction": n_kept / max(1, len(history) * cfg.prompts_per_iteration * run.world),
+            "skipped_updates": sum(r.get("skipped_updates", 0) for r in history)})
+    return evals.finish(model, state.tokenizer, iteration, summary)

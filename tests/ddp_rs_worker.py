@@ -16,7 +16,7 @@ from stable_rlhf.config import load_config  # noqa: E402
 
 out, overrides = sys.argv[1], sys.argv[2:]
 seen = {"policies": [], "kept": [], "responses": []}
-_load_policy, _finetune, _generate = models_mod.load_policy, rs._finetune, rs.generate
+_load_policy, _finetune, _generate = models_mod.load_policy, rs.finetune, rs.generate
 
 
 def load_policy(*args, **kwargs):
@@ -25,9 +25,9 @@ def load_policy(*args, **kwargs):
     return result
 
 
-def finetune(policy, tokenizer, optimizer, accelerator, kept, cfg, iteration):
+def finetune(run, cfg, state, kept):
     seen["kept"].append(len(kept))
-    return _finetune(policy, tokenizer, optimizer, accelerator, kept, cfg, iteration)
+    return _finetune(run, cfg, state, kept)
 
 
 def generate(*args, **kwargs):
@@ -36,7 +36,7 @@ def generate(*args, **kwargs):
     return gen
 
 
-models_mod.load_policy, rs._finetune, rs.generate = load_policy, finetune, generate
+models_mod.load_policy, rs.finetune, rs.generate = load_policy, finetune, generate
 rs.train(load_config(rs.RejectionSamplingConfig, None, overrides))
 flat = torch.cat([p.detach().flatten() for p in seen["policies"][0].parameters()])
 torch.save({"params": flat, "kept": seen["kept"], "responses": seen["responses"]},
