@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
 
-from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, read_jsonl
 
 LOG_WITH = ("tensorboard", "wandb", "none")
 
@@ -62,27 +63,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if path.exists():
-        atomic_write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
-
-
 def mean_stats(rows: list[dict]) -> dict:
     """Key-wise mean of minibatch stats (a key averages over the rows that have it)."""
     keys = {k for r in rows for k in r}
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
-
-
-def flat_hparams(d: dict, prefix: str = "") -> dict:
-    """A nested config as flat dotted scalars, as TensorBoard's hparams want them."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_hparams(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
 
 
 @contextlib.contextmanager
@@ -109,73 +93,14 @@ def tensorboard_writer(accelerator):
     return None
 
 
-def clear_run_dir(out: Path, files: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> None:
-    """A fresh run in an old directory: remove what an earlier run left, so nothing of it
-    leaks in (old metrics, the SFT reference answers of another initial policy, checkpoints
-    a later resume could pick up)."""
-    import shutil
-
-    for name in (*files, *(p.name for p in out.glob("eval_reference_*.jsonl"))):
-        (out / name).unlink(missing_ok=True)
-    for name in dirs:
-        shutil.rmtree(out / name, ignore_errors=True)
-
-
-class RunLog:
-    """metrics.jsonl plus accelerate's trackers (TensorBoard), written by the main process."""
-
-    def __init__(self, accelerator, out: Path):
-        self.accelerator, self.out = accelerator, out
-
-    def __call__(self, stats: dict) -> None:
-        if self.accelerator.is_main_process:
-            from .io import append_jsonl
-
-            append_jsonl(self.out / "metrics.jsonl", stats)
-            scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.accelerator.log(scalars, step=stats["step"])
-
-
-def save_checkpoint(accelerator, out: Path, step: int, state: dict, keep: int) -> None:
-    """Write ``checkpoints/step-N/state.pt`` atomically with every rank's RNG state, and keep
-    the newest ``keep`` checkpoints. Called by every rank (the RNG states are gathered)."""
-    import shutil
-
-    from .io import atomic_dir
-    from .rng import rng_state
-
-    rngs = [None] * accelerator.num_processes
-    if accelerator.num_processes > 1:
-        torch.distributed.all_gather_object(rngs, rng_state())
-    else:
-        rngs[0] = rng_state()
-    if accelerator.is_main_process:
-        with atomic_dir(out / "checkpoints" / f"step-{step:06d}") as tmp:
-            torch.save({**state, "rng": rngs}, tmp / "state.pt")
-            fault_point("checkpoint", step)
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def remove_partial_checkpoints(out: Path) -> None:
-    """A checkpoint killed mid-write leaves only its hidden temporary directory."""
-    import shutil
-
-    for partial in (out / "checkpoints").glob(".step-*"):
-        shutil.rmtree(partial, ignore_errors=True)
-
-
 def save_policy(model, tokenizer, path: Path) -> None:
     """The final policy (``save_pretrained``-loadable, with its tokenizer), atomically."""
-    from .io import atomic_dir
-
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
-# --------------------------------------------------------------------------- the run layer
+# --------------------------------------------------------------------------- the non-finite policy
 
 
 class NonFiniteError(RuntimeError):
@@ -228,6 +153,9 @@ class NonFiniteGuard:
         self.bad_in_row = int(state["bad_in_row"])
 
 
+# --------------------------------------------------------------------------- the run
+
+
 class Run:
     """One run directory and its accelerator (see the module docstring).
 
@@ -253,7 +181,6 @@ class Run:
                                             project_dir=str(self.out / "tensorboard"))
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.log = RunLog(self.accelerator, self.out)
 
     def print(self, message: str) -> None:
         if self.is_main:
@@ -269,34 +196,72 @@ class Run:
         ckpt = latest_checkpoint(self.out) if resume else None
         if self.is_main:
             if ckpt is None:
-                clear_run_dir(self.out, files=self.fresh_files, dirs=self.fresh_dirs)
-            remove_partial_checkpoints(self.out)
+                self._clear()
+            for partial in (self.out / "checkpoints").glob(".step-*"):  # a checkpoint killed mid-write
+                shutil.rmtree(partial, ignore_errors=True)
             save_config(self.cfg, self.out / "config.yaml")
         state = None
         if ckpt is not None:
             state = torch.load(ckpt / "state.pt", weights_only=True)
             set_rng_state(state["rng"][self.rank])
             if self.is_main:
-                truncate_metrics(self.out / "metrics.jsonl", state["step"])
+                self._drop_metrics_after(state["step"])
             self.print(f"resumed from {ckpt} ({self.step_name} {state['step']})")
         self.accelerator.wait_for_everyone()
         if self.log_with != "none":
-            self.accelerator.init_trackers(self.name, config=flat_hparams(to_dict(self.cfg)))
+            self.accelerator.init_trackers(self.name, config=_flat_hparams(to_dict(self.cfg)))
         return state
 
-    def checkpoint(self, step: int, state: dict) -> None:
-        """``checkpoints/step-N/state.pt`` with ``state``, the step and every rank's RNG (all ranks call)."""
-        save_checkpoint(self.accelerator, self.out, step, {**state, "step": step}, self.keep)
+    def _clear(self) -> None:
+        """A fresh run in an old directory: remove what an earlier run left, so nothing of it
+        leaks in (old metrics, the SFT reference answers of another initial policy, checkpoints
+        a later resume could pick up)."""
+        for name in (*self.fresh_files, *(p.name for p in self.out.glob("eval_reference_*.jsonl"))):
+            (self.out / name).unlink(missing_ok=True)
+        for name in self.fresh_dirs:
+            shutil.rmtree(self.out / name, ignore_errors=True)
 
-    def progress(self, total: int, initial: int = 0):
-        from tqdm.auto import tqdm
+    def _drop_metrics_after(self, step: int) -> None:
+        """The lines logged after the checkpoint we resume from: they will be logged again."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            atomic_write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= step])
 
-        return tqdm(total=total, initial=initial, desc=self.name, disable=not self.is_main)
+    def log(self, stats: dict) -> None:
+        """A row of metrics.jsonl, and its numbers to the trackers (main process; ``stats["step"]``)."""
+        if self.is_main:
+            append_jsonl(self.out / "metrics.jsonl", stats)
+            scalars = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.accelerator.log(scalars, step=stats["step"])
 
     def metrics(self) -> list[dict]:
         """The rows of metrics.jsonl so far (read them on the main process)."""
         path = self.out / "metrics.jsonl"
         return read_jsonl(path) if path.exists() else []
+
+    def checkpoint(self, step: int, state: dict) -> None:
+        """``checkpoints/step-N/state.pt`` with ``state``, the step and every rank's RNG, written
+        atomically; the newest ``keep_checkpoints`` are kept. Every rank calls it (the RNG
+        states are gathered)."""
+        from .rng import rng_state
+
+        rngs = [None] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs[0] = rng_state()
+        if self.is_main:
+            with atomic_dir(self.out / "checkpoints" / f"step-{step:06d}") as tmp:
+                torch.save({**state, "step": step, "rng": rngs}, tmp / "state.pt")
+                fault_point("checkpoint", step)
+            for old in sorted((self.out / "checkpoints").glob("step-*"))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def progress(self, total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=self.name, disable=not self.is_main)
 
     def seconds(self) -> float:
         """Wall-clock seconds since the run was made."""
@@ -321,3 +286,14 @@ def _check_log_with(log_with: str) -> None:
     if log_with == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("log_with=wandb needs the wandb package (pip install wandb); "
                           "or log with tensorboard or none")
+
+
+def _flat_hparams(d: dict, prefix: str = "") -> dict:
+    """A nested config as flat dotted scalars, as TensorBoard's hparams want them."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
