@@ -197,8 +197,8 @@ class PPOConfig:
     """checkpoints kept on disk"""
     max_bad_steps: int = 3
     """stop after this many consecutive steps skipped for a non-finite score or loss"""
-    log_with: Literal["tensorboard", "none"] = "tensorboard"
-    """TensorBoard event files in out_dir/tensorboard, besides metrics.jsonl"""
+    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
     resume: bool = False
     """continue from the latest checkpoint in out_dir/checkpoints"""
 

@@ -80,8 +80,8 @@ class RejectionSamplingConfig:
     """evaluation before the first iteration and every eval.every iterations (and after the last)"""
     keep_checkpoints: int = 1
     """checkpoints kept on disk (one is written after every iteration)"""
-    log_with: Literal["tensorboard", "none"] = "tensorboard"
-    """TensorBoard event files in out_dir, besides metrics.jsonl"""
+    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
     resume: bool = False
     """continue after the last finished iteration (the latest checkpoint in out_dir/checkpoints)"""
 

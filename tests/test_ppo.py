@@ -254,18 +254,14 @@ def test_ptx_and_rehearsal_nll_terms_are_mixed_in_and_logged(tmp_path):
         assert r["loss/total"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
-def test_a_tracker_that_cannot_start_is_refused_before_anything_runs(tmp_path, monkeypatch):
+def test_wandb_without_the_package_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
     import importlib.util
-    from types import SimpleNamespace
 
-    from stable_rlhf.config import ConfigError
-    from stable_rlhf.runs import Run
+    from stable_rlhf.cli import main
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    cfg = SimpleNamespace(out_dir=str(tmp_path / "run"), seed=0)
-    with pytest.raises(ConfigError, match="wandb package"):
-        Run(cfg, "ppo", log_with="wandb")
-    with pytest.raises(ConfigError, match="log_with must be one of tensorboard, wandb, none"):
-        Run(cfg, "ppo", log_with="mlflow")
-    assert not (tmp_path / "run").exists()  # no run directory, no accelerator, no model
+    monkeypatch.setattr("stable_rlhf.models.load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["ppo", *overrides(tmp_path / "run"), "log_with=wandb"]) == 2
+    assert "wandb package" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no run directory, no accelerator
