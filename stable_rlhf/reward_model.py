@@ -8,8 +8,10 @@
 1. read and validate the comparisons (train and held-out) before any model loads;
 2. build the score model (a scalar head on the backbone, or a saved score model);
 3. for each epoch: minibatches of comparisons, every response of a comparison encoded
-   once, the loss of the objective, one optimiser step; every term logged;
-   a held-out evaluation at the end of the epoch; a checkpoint to resume from;
+   once, the loss of the objective, one optimiser step (skipped when not finite); every
+   term logged; a held-out evaluation at the end of the epoch; a checkpoint to resume
+   from (``checkpoints/step-N``: the run layer ``runs.Run`` and the epoch trainer
+   ``sft.TrainState`` that SFT shares);
 4. score statistics of the training data (global and per task), saved with the model;
 5. held-out metrics (accuracy against the gold order and the labels, ECE with its
    reliability bins, per-task score moments) in ``summary.json``; raw held-out scores
@@ -29,8 +31,8 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from .config import ModelConfig, save_config, yaml_load
-from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from .config import ModelConfig, yaml_load
+from .io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from .losses import (
     batch_task_moments,
     bound_loss,
@@ -40,8 +42,9 @@ from .losses import (
     task_moment_loss,
 )
 from .data import ranks_of
-from .rng import rng_state, seed_everything, set_rng_state
+from .runs import Run
 from .scoring import encode, normalise_per_task, per_task_stats, score_texts
+from .sft import TrainState
 
 
 @dataclasses.dataclass
@@ -127,16 +130,20 @@ class ScoreTrainConfig:
     stratify: bool = True
     """deal every task into every minibatch in turn (round-robin over shuffled per-task lists), so
     the per-task moment terms see each task in each batch; False: a plain shuffle"""
+    max_bad_steps: int = 3
+    """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
+    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
     resume: bool = False
-    """continue from out_dir/checkpoint when it exists"""
+    """continue from the latest checkpoint in out_dir/checkpoints (one is saved after every epoch)"""
     am: AMLossConfig = dataclasses.field(default_factory=AMLossConfig)
     """advantage-model terms (objective=am)"""
 
     def __post_init__(self):
         if not self.out_dir:
             self.out_dir = f"runs/{self.objective}"
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_bad_steps < 1:
+            raise ValueError("epochs, batch_size and max_bad_steps must be >= 1")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError("learning rates must be > 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -341,110 +348,95 @@ def epoch_order(tasks: list[str], seed: int, stratify: bool) -> list[int]:
     return [i for _, i in sorted(keyed)]
 
 
-def train(cfg: ScoreTrainConfig) -> dict:
-    from transformers import get_linear_schedule_with_warmup
-
-    from .models import freeze_lower_layers, load_score_model, make_accelerator
-
-    start_time = time.time()
-    out = Path(cfg.out_dir)
-
-    # 1. Data first: a bad file stops the run before a model is loaded.
-    train_set = load_comparisons(cfg.train_data, cfg.data_kind)
-    eval_set = load_comparisons(cfg.eval_data, cfg.data_kind)
-    tasks = sorted({c.get("task", "default") for c in train_set + eval_set})
-    task_index = {t: i for i, t in enumerate(tasks)}
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-
-    # 2. The score model.
-    seed_everything(cfg.seed)
-    accelerator = make_accelerator(seed=cfg.seed)
-    model, tokenizer = load_score_model(cfg.model, device=accelerator.device, init_from=cfg.init_from)
-    freeze_lower_layers(model, cfg.train_layers)
+def score_optimizer(model, cfg: ScoreTrainConfig) -> torch.optim.AdamW:
+    """AdamW with the new scalar head at its own (larger) learning rate."""
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    optimizer = torch.optim.AdamW(
-        [{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
-        weight_decay=cfg.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    return torch.optim.AdamW([{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
+                             weight_decay=cfg.weight_decay)
+
+
+def score_step(state: TrainState, comparisons: list[dict], tokenizer, task_index: dict[str, int],
+               running: RunningTaskMoments, cfg: ScoreTrainConfig) -> None:
+    """One step: every response of the minibatch's comparisons scored once, the objective's loss, one update."""
+    batch = collate(comparisons, tokenizer, task_index, cfg.max_length, cfg.am.center_on)
+    device = state.run.device
+    flat = state.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (N,)
+    loss, stats = score_loss(cfg, flat, batch, running if cfg.objective == "am" else None)
+    state.update(loss, stats)
+
+
+def evaluate(state: TrainState, epoch: int, eval_set: list[dict], tokenizer, cfg: ScoreTrainConfig
+             ) -> list[list[float]]:
+    """Score the held-out comparisons, log their metrics for ``epoch``; returns the scores."""
+    scores = score_comparisons(state.unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
+    metrics = comparison_metrics(eval_set, scores, cfg.n_bins, cfg.am.margin if cfg.objective == "am" else None)
+    state.run.log({"step": state.step, "epoch": epoch, **{
+        f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}})
+    state.run.print(f"epoch {epoch}: loss {state.last['loss/total']:.4f}  held-out accuracy {metrics['accuracy']:.4f} "
+                    f"(labels {metrics['accuracy_labels']:.4f})  ECE {metrics['ece']:.4f}  "
+                    f"across-task std of means {metrics['across_task_std_of_means']:.4f}")
+    return scores
+
+
+def save_and_summarise(state: TrainState, train_set: list[dict], eval_set: list[dict], scores, tokenizer,
+                       tasks: list[str], cfg: ScoreTrainConfig, start_time: float) -> dict:
+    """4. training-data score statistics saved with the model (per-task normalisation reads them);
+    5. the held-out summary and raw scores (scored here when a resumed run had no epoch left)."""
+    run, unwrapped = state.run, state.unwrapped
+    train_scores = score_comparisons(unwrapped, tokenizer, train_set, cfg.eval_batch_size, cfg.max_length)
+    score_stats = per_task_stats([s for ss in train_scores for s in ss],
+                                 [c.get("task", "default") for c, ss in zip(train_set, train_scores) for _ in ss])
+    if scores is None:
+        scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
+    summary = summarise(cfg.objective, eval_set, scores, cfg.n_bins, cfg.am.margin)
+    summary.update({"steps": state.step, "skipped_updates": state.skipped, "seconds": time.time() - start_time,
+                    "train_score_stats": score_stats})
+    if run.is_main:
+        unwrapped.save_pretrained(run.out / "model", extra={"objective": cfg.objective, "score_stats": score_stats,
+                                                            "tasks": tasks, "margin": cfg.am.margin})
+        atomic_write_jsonl(run.out / "scores_eval.jsonl", score_rows(eval_set, scores))
+    run.finish(summary)
+    run.print(f"done in {summary['seconds']:.0f}s: accuracy {summary['accuracy']:.4f}  ECE {summary['ece']:.4f}  "
+              f"within ±{cfg.am.margin:g}: {summary['frac_within_margin']:.4f} -> {run.out}")
+    return summary
+
+
+def train(cfg: ScoreTrainConfig) -> dict:
+    """1. comparisons; 2. the score model; 3. resume; 4. epochs of steps, each with a held-out
+    evaluation and a checkpoint; 5. score statistics, the model and summary.json."""
+    from .models import freeze_lower_layers, load_score_model
+
+    start_time = time.time()
+    train_set = load_comparisons(cfg.train_data, cfg.data_kind)  # 1. a bad file stops us before a model loads
+    eval_set = load_comparisons(cfg.eval_data, cfg.data_kind)
+    tasks = sorted({c.get("task", "default") for c in train_set + eval_set})
+    task_index = {t: i for i, t in enumerate(tasks)}
+    run = Run(cfg, cfg.objective, log_with=cfg.log_with, fresh_files=("scores_eval.jsonl",), fresh_dirs=("model",))
+    model, tokenizer = load_score_model(cfg.model, device=run.device, init_from=cfg.init_from)  # 2.
+    freeze_lower_layers(model, cfg.train_layers)
     running = RunningTaskMoments(len(tasks), cfg.am.running_momentum, cfg.am.running_count)
+    state = TrainState(run, model, score_optimizer(model, cfg), cfg, len(train_set), running=running)
+    state.resume(run.start(cfg.resume))  # 3.
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"[{cfg.objective}] {len(train_set)} train / {len(eval_set)} held-out comparisons, tasks {tasks}; "
-          f"{n_trainable / 1e6:.1f}M trainable parameters, {total_steps} steps")
+    run.print(f"{len(train_set)} train / {len(eval_set)} held-out comparisons, tasks {tasks}; "
+              f"{n_trainable / 1e6:.1f}M trainable parameters, {state.total} steps")
 
-    # Resume: the last finished epoch's model, optimiser, scheduler, running moments and RNG.
-    ckpt = out / "checkpoint"
-    first_epoch, step = 0, 0
-    if cfg.resume and (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        running.load_state_dict(state["running"])
-        set_rng_state(state["rng"])
-        first_epoch, step = state["epoch"] + 1, state["step"]
-        print(f"[{cfg.objective}] resumed after epoch {state['epoch']} (step {step})")
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-
-    # 3. Epochs of minibatches; a held-out evaluation and a checkpoint after each.
-    unwrapped = accelerator.unwrap_model(model)
     scores = None  # the last epoch's held-out scores are the final ones: the model is done changing
-    for epoch in range(first_epoch, cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):  # 4.
         # Dropout off by default: the AM's moment terms read a batch's score spread, and dropout
         # noise is spread the head can amplify for free — scores then collapse to a constant
         # at eval time (seen with MiniLM, dropout 0.1: held-out std 0.08 against 0.2-0.4 in
         # training, and every task's held-out mean off by -0.56).
-        model.train(cfg.dropout)
+        state.model.train(cfg.dropout)
         order = epoch_order([c.get("task", "default") for c in train_set], cfg.seed * 1000 + epoch, cfg.stratify)
-        for b in range(steps_per_epoch):
-            batch = collate([train_set[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]],
-                            tokenizer, task_index, cfg.max_length, cfg.am.center_on)
-            flat = model(batch["input_ids"].to(accelerator.device), batch["attention_mask"].to(accelerator.device))
-            loss, stats = score_loss(cfg, flat, batch, running if cfg.objective == "am" else None)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch, **stats,
-                                                 "optim/grad_norm": float(grad_norm), "optim/lr": scheduler.get_last_lr()[0]})
-        scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
-        metrics = comparison_metrics(eval_set, scores, cfg.n_bins, cfg.am.margin if cfg.objective == "am" else None)
-        append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch, **{
-            f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}})
-        print(f"[{cfg.objective}] epoch {epoch}: loss {stats['loss/total']:.4f}  held-out accuracy "
-              f"{metrics['accuracy']:.4f} (labels {metrics['accuracy_labels']:.4f})  ECE {metrics['ece']:.4f}  "
-              f"across-task std of means {metrics['across_task_std_of_means']:.4f}")
-        with atomic_dir(ckpt) as tmp:
-            torch.save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "running": running.state_dict(), "epoch": epoch,
-                        "step": step, "rng": rng_state()}, tmp / "state.pt")
-
-    # 4. Training-data score statistics travel with the model (per-task normalisation).
-    train_scores = score_comparisons(unwrapped, tokenizer, train_set, cfg.eval_batch_size, cfg.max_length)
-    score_stats = per_task_stats([s for ss in train_scores for s in ss],
-                                 [c.get("task", "default") for c, ss in zip(train_set, train_scores) for _ in ss])
-    unwrapped.save_pretrained(out / "model", extra={"objective": cfg.objective, "score_stats": score_stats,
-                                                     "tasks": tasks, "margin": cfg.am.margin})
-
-    # 5. Held-out summary and raw scores (scored here only when a resumed run had no epoch left).
-    if scores is None:
-        scores = score_comparisons(unwrapped, tokenizer, eval_set, cfg.eval_batch_size, cfg.max_length)
-    summary = summarise(cfg.objective, eval_set, scores, cfg.n_bins, cfg.am.margin)
-    summary.update({"steps": step, "seconds": time.time() - start_time, "train_score_stats": score_stats})
-    atomic_write_jsonl(out / "scores_eval.jsonl", score_rows(eval_set, scores))
-    atomic_write_json(out / "summary.json", summary)
-    print(f"[{cfg.objective}] done in {summary['seconds']:.0f}s: accuracy {summary['accuracy']:.4f}  ECE "
-          f"{summary['ece']:.4f}  within ±{cfg.am.margin:g}: {summary['frac_within_margin']:.4f} -> {out}")
-    return summary
+        for b in state.batches_left(epoch):
+            batch = [train_set[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+            score_step(state, batch, tokenizer, task_index, running, cfg)
+        scores = evaluate(state, epoch, eval_set, tokenizer, cfg)
+        run.checkpoint(state.step, state.state_dict())
+    return save_and_summarise(state, train_set, eval_set, scores, tokenizer, tasks, cfg, start_time)
 
 
 def summarise(objective: str, comparisons: list[dict], scores: list[list[float]], n_bins: int, margin: float) -> dict:

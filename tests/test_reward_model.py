@@ -1,4 +1,5 @@
-"""Score-model trainer (train-rm / train-am) on tiny models: it learns, writes its contract, resumes."""
+"""Score-model trainer (train-rm / train-am) on tiny models: it learns, writes its contract,
+skips and stops on non-finite losses, and resumes exactly after SIGKILL."""
 
 import json
 import random
@@ -13,7 +14,9 @@ from stable_rlhf.io import atomic_write_jsonl, read_jsonl
 from stable_rlhf.models import ScoreModel
 from stable_rlhf.data import ranks_of
 from stable_rlhf.reward_model import ScoreTrainConfig, comparison_metrics, per_task_normalised_run, train
+from stable_rlhf.runs import latest_checkpoint
 from stable_rlhf.scoring import ScoreSource, normalise_per_task, per_task_stats
+from tests.test_sft import assert_killed_run_resumes_exactly, run_stage
 
 WORDS = "river stone cloud music garden paper window bread light storm".split()
 
@@ -40,11 +43,14 @@ def data(tmp_path_factory):
     return d
 
 
+def overrides(data, out, *extra) -> list[str]:
+    return [f"train_data={data / 'train.jsonl'}", f"eval_data={data / 'eval.jsonl'}", f"out_dir={out}",
+            "model.name_or_path=tiny-random", "model.tiny_hidden=32", "batch_size=8", "lr=3e-3", "head_lr=3e-2",
+            "warmup_ratio=0", *extra]
+
+
 def cfg_for(data, out, *extra):
-    return load_config(ScoreTrainConfig, None, [
-        f"train_data={data / 'train.jsonl'}", f"eval_data={data / 'eval.jsonl'}", f"out_dir={out}",
-        "model.name_or_path=tiny-random", "model.tiny_hidden=32", "batch_size=8", "lr=3e-3", "head_lr=3e-2",
-        "warmup_ratio=0", *extra])
+    return load_config(ScoreTrainConfig, None, overrides(data, out, "log_with=none", *extra))
 
 
 def test_ranks_of():
@@ -77,8 +83,11 @@ def test_per_task_normalisation_gives_zero_mean_unit_std():
 
 
 def test_train_rm_learns_and_writes_its_contract(data, tmp_path):
-    cfg = cfg_for(data, tmp_path / "rm", "epochs=4")
+    cfg = cfg_for(data, tmp_path / "rm", "epochs=4", "log_with=tensorboard")
     summary = train(cfg)
+    assert summary["steps"] == 24 and summary["skipped_updates"] == 0
+    assert latest_checkpoint(tmp_path / "rm").name == "step-000024"  # one per epoch, the newest kept
+    assert list((tmp_path / "rm" / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     # it learned the synthetic preference (chance is 0.5)
     assert summary["accuracy"] > 0.85, summary["accuracy"]
     for key in ("accuracy", "ece", "score_mean", "score_std", "per_task", "reliability"):
@@ -119,26 +128,52 @@ def test_parameters_change_and_am_terms_are_logged(data, tmp_path):
     assert summary["accuracy"] > 0.7
 
 
-def test_killed_run_resumes_to_the_same_result(data, tmp_path, monkeypatch):
-    full = train(cfg_for(data, tmp_path / "full", "epochs=2"))
+def test_nonfinite_losses_skip_updates_then_stop_with_a_checkpoint_to_resume(data, tmp_path, monkeypatch):
+    out, real = tmp_path / "nan", rmod.score_loss
     calls = {"n": 0}
-    real = rmod.score_comparisons
 
-    def dies_in_epoch_1(*args, **kwargs):
+    def nan_from_the_second_step(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:  # epoch 1's evaluation, after epoch 0's checkpoint
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls["n"] >= 2 else (loss, stats)
 
-    monkeypatch.setattr(rmod, "score_comparisons", dies_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(data, tmp_path / "killed", "epochs=2"))
-    monkeypatch.setattr(rmod, "score_comparisons", real)
-    resumed = train(cfg_for(data, tmp_path / "killed", "epochs=2", "resume=true"))
-    a = [r["score"] for r in read_jsonl(tmp_path / "full" / "scores_eval.jsonl")]
-    b = [r["score"] for r in read_jsonl(tmp_path / "killed" / "scores_eval.jsonl")]
-    assert a == pytest.approx(b, abs=1e-6)
-    assert resumed["accuracy"] == full["accuracy"] and resumed["steps"] == full["steps"]
+    monkeypatch.setattr(rmod, "score_loss", nan_from_the_second_step)
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        train(cfg_for(data, out, "epochs=2", "max_bad_steps=2"))
+    assert latest_checkpoint(out).name == "step-000003"  # saved mid-epoch, where it stopped
+    assert [r["skipped_updates"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 1]
+    monkeypatch.setattr(rmod, "score_loss", real)
+    summary = train(cfg_for(data, out, "epochs=2", "max_bad_steps=2", "resume=true"))
+    assert summary["steps"] == 12 and summary["skipped_updates"] == 2
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss/total" in r]
+    assert steps == list(range(1, 13))  # the rest of epoch 0, then epoch 1
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small-prefs")
+    atomic_write_jsonl(d / "train.jsonl", synthetic(16, 0))
+    atomic_write_jsonl(d / "eval.jsonl", synthetic(8, 1))
+    return d
+
+
+@pytest.fixture(scope="module")
+def straight_am(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("am-cli") / "straight"
+    proc = run_stage("train-am", overrides(small_data, out, "epochs=2", "log_with=none"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("fault", ["train:3", "checkpoint:4"])  # mid epoch 1; while writing epoch 1's checkpoint
+def test_sigkilled_am_run_resumes_to_the_same_result(straight_am, small_data, tmp_path, fault):
+    """The AM: its running task moments are part of what a checkpoint must carry."""
+    out = tmp_path / "killed"
+    assert_killed_run_resumes_exactly("train-am", overrides(small_data, out, "epochs=2", "log_with=none"),
+                                      straight_am, out, fault, resumes_from="step-000002")
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (straight_am, out))
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert read_jsonl(out / "scores_eval.jsonl") == read_jsonl(straight_am / "scores_eval.jsonl")
 
 
 def test_per_task_normalised_run(data, tmp_path):
