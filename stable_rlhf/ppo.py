@@ -220,7 +220,6 @@ class PPOConfig:
             raise ValueError("save_every, keep_checkpoints and max_bad_steps must be >= 1")
 
 
-
 def nll_mixes(cfg: PPOConfig) -> dict[str, NLLMixConfig]:
     """The NLL terms that are on (data given, γ > 0), by name: ptx, then rehearsal."""
     return {name: mix for name, mix in (("ptx", cfg.ptx), ("rehearsal", cfg.rehearsal)) if mix.data and mix.coef > 0}

@@ -127,7 +127,6 @@ def select_best(
     return [best[p] for p in sorted(best)]
 
 
-
 # --------------------------------------------------------------------------- run state
 
 
@@ -344,7 +343,6 @@ def _iteration_stats(sampled: list[dict], kept: list[dict], n_prompts: int) -> d
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
-
 
 
 # --------------------------------------------------------------------------- the end
