@@ -1,7 +1,7 @@
 """``stable-rlhf train-rm`` and ``train-am``: one score-model trainer, two losses.
 
     objective=rm   L = L_rank                                     (InstructGPT)
-    objective=am   L = L_rank + λ_c·center + λ_b·bound + λ_t·task   (shared/DESIGN.md)
+    objective=am   L = L_rank + λ_c·center + λ_b·bound + λ_t·task   (docs/methods.md)
 
 ``train(cfg)`` as numbered steps:
 
@@ -11,7 +11,7 @@
    once, the loss of the objective, one optimiser step (skipped when not finite); every
    term logged; a held-out evaluation at the end of the epoch; a checkpoint to resume
    from (``checkpoints/step-N``: the run layer ``runs.Run`` and the epoch trainer
-   ``sft.TrainState`` that SFT shares);
+   ``runs.TrainState`` that SFT shares);
 4. score statistics of the training data (global and per task), saved with the model;
 5. held-out metrics (accuracy against the gold order and the labels, ECE with its
    reliability bins, per-task score moments) in ``summary.json``; raw held-out scores
@@ -42,14 +42,13 @@ from .losses import (
     task_moment_loss,
 )
 from .data import ranks_of
-from .runs import Run
+from .runs import Run, TrainState
 from .scoring import encode, normalise_per_task, per_task_stats, score_texts
-from .sft import TrainState
 
 
 @dataclasses.dataclass
 class AMLossConfig:
-    """Advantage-model terms (shared/DESIGN.md); each is logged on its own."""
+    """Advantage-model terms (docs/methods.md); each is logged on its own."""
 
     center_coef: float = 1.0
     """λ_c: weight of E_x[(mean_k a(x, y_k))²] over comparisons of SFT samples"""

@@ -10,15 +10,13 @@ end-of-turn token, and only response tokens count in the loss (prompt tokens mas
 after epoch, and can save and restore its position, so a resumed PPO run mixes in
 exactly the batches the uninterrupted one would have.
 
-``TrainState`` is the epoch trainer ``sft`` and ``train-rm`` / ``train-am`` share on the
-run layer (``runs.Run``): model, optimiser, scheduler and step, one guarded update per
-step, the state a checkpoint saves; each stage's ``train`` supplies the loss.
+``train`` is an epoch trainer on the run layer (``runs.Run`` + ``runs.TrainState``, shared
+with ``train-rm`` / ``train-am``); this module supplies its loss, ``nll_step``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from typing import Literal, Optional, Sequence
@@ -28,7 +26,7 @@ import torch
 from .config import ModelConfig
 from .losses import nll_loss
 from .models import chat_prompt, position_ids_from_mask
-from .runs import NonFiniteGuard, Run, clipped_step, fault_point, load_trainable, save_policy, trainable_state
+from .runs import Run, TrainState, save_policy
 
 
 def encode_demos(
@@ -119,84 +117,6 @@ class DemoBatches:
 
 
 # --------------------------------------------------------------------------- the epoch trainer
-
-
-class TrainState:
-    """What an epoch trainer (``sft``, ``train-rm`` / ``train-am``) carries from step to step
-    and saves in every checkpoint: the prepared model and optimiser, the linear warm-up /
-    decay scheduler, the step (the epoch follows from it), the non-finite guard, the first
-    and latest step's metrics, and the stage's own stateful ``parts`` (the demonstration
-    order, the AM's running task moments: anything with ``state_dict`` / ``load_state_dict``).
-
-    ``cfg`` is the stage's config: its ``epochs``, ``batch_size``, ``warmup_ratio``,
-    ``grad_clip`` and ``max_bad_steps`` are read; ``n_items`` is the training set's size."""
-
-    def __init__(self, run: Run, model, optimizer, cfg, n_items: int, **parts):
-        from transformers import get_linear_schedule_with_warmup
-
-        self.run, self.cfg, self.parts = run, cfg, parts
-        self.steps_per_epoch = math.ceil(n_items / cfg.batch_size)
-        self.total = self.steps_per_epoch * cfg.epochs
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * self.total), self.total)
-        self.model, self.optimizer = run.accelerator.prepare(model, optimizer)
-        self.guard = NonFiniteGuard(cfg.max_bad_steps)
-        self.step, self.skipped = 0, 0
-        self.first: dict = {}  # the first step's metrics row (SFT reports its NLL against the last one's)
-        self.last: dict = {}
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next step belongs to (``cfg.epochs`` once training is done)."""
-        return self.step // self.steps_per_epoch
-
-    @property
-    def unwrapped(self):
-        return self.run.accelerator.unwrap_model(self.model)
-
-    def batches_left(self, epoch: int) -> range:
-        """Indices within ``epoch`` of the minibatches still to train: all of them, or the
-        rest of an epoch a checkpoint was saved in the middle of."""
-        return range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch)
-
-    def update(self, loss: torch.Tensor, stats: dict) -> None:
-        """One optimiser step on ``loss`` (skipped, and counted, when the loss or the gradient
-        norm is not finite), the step's metrics row, then the run stops if the guard says so."""
-        accelerator, epoch = self.run.accelerator, self.epoch
-        self.optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = clipped_step(accelerator, self.optimizer, self.model.parameters(), self.cfg.grad_clip, loss,
-                                 self.scheduler)
-        self.step += 1
-        self.skipped += grad_norm is None
-        grad = {} if grad_norm is None else {"optim/grad_norm": grad_norm}  # a skipped update has none
-        self.last = {"step": self.step, "epoch": epoch, **stats, **grad, "optim/lr": self.scheduler.get_last_lr()[0],
-                     "skipped_updates": int(grad_norm is None)}
-        self.first = self.first or self.last
-        self.run.log(self.last)
-        fault_point("train", self.step)
-        if self.guard.end_step(grad_norm is None):
-            self.run.checkpoint(self.step, self.state_dict())
-            raise self.guard.error(self.step, self.run.out, "losses or gradient norms")
-
-    def state_dict(self) -> dict:
-        return {"model": trainable_state(self.unwrapped), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict(), "step": self.step,
-                "skipped": self.skipped, "first": self.first, "last": self.last,
-                **{name: part.state_dict() for name, part in self.parts.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        load_trainable(self.unwrapped, state["model"], "model")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.guard.load_state_dict(state["guard"])
-        self.step, self.skipped, self.first, self.last = state["step"], state["skipped"], state["first"], state["last"]
-        for name, part in self.parts.items():
-            part.load_state_dict(state[name])
-
-    def resume(self, state: dict | None) -> None:
-        """Continue from ``run.start``'s checkpoint state (None: a fresh run, nothing to load)."""
-        if state is not None:
-            self.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- the sft stage
