@@ -245,6 +245,15 @@ def _type_name(tp: Any) -> str:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings of ``cls`` and of the config classes it extends (its own win)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

@@ -23,8 +23,23 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import GenerationConfig
+from .config import GenerationConfig, ModelConfig
 from .io import atomic_write_jsonl, read_jsonl
+from .rewards import RewardConfig
+
+
+@dataclasses.dataclass
+class PolicyTrainerConfig:
+    """What every policy trainer (``ppo``, ``rejection-sampling``) starts from: prompts, the
+    initial policy and a score. Its fields come first in each trainer's config."""
+
+    prompts: str = "data/testbed/prompts_train.jsonl"
+    """prompt records to train on (for the gold reward they need the testbed's task and meta)"""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """the initial (SFT) policy: the KL reference of PPO and the win/lose/tie reference of every eval"""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """the score: PPO optimises it (RM scores with running normalisation); rejection sampling keeps
+    each prompt's best sample by it, used raw"""
 
 
 @dataclasses.dataclass

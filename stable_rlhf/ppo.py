@@ -1,6 +1,6 @@
 """``stable-rlhf ppo``: PPO on a policy against a score source (RM, AM, per-task RM, gold).
 
-The InstructGPT objective (shared/DESIGN.md), with the implementation details of
+The InstructGPT objective (docs/methods.md), with the implementation details of
 "The N implementation details of RLHF with PPO" (Huang et al.) and lm-human-preferences:
 
     max E_{x~D, y~π}[ s(x, y) - β·log(π(y|x) / π_ref(y|x)) ]
@@ -41,7 +41,7 @@ from typing import Any, Literal, NoReturn, Optional
 
 import torch
 
-from .config import GenerationConfig, ModelConfig
+from .config import GenerationConfig
 from .generation import Generation, generate
 from .losses import (
     AdaptiveKLController,
@@ -58,8 +58,8 @@ from .losses import (
     value_loss,
 )
 from .models import free_memory
-from .policy_eval import EvalConfig, TrainingEval
-from .rewards import RewardConfig, build_reward, check_reward_inputs
+from .policy_eval import EvalConfig, PolicyTrainerConfig, TrainingEval
+from .rewards import build_reward, check_reward_inputs
 from .runs import NonFiniteError  # noqa: F401  (ppo.NonFiniteError: what a stopped run raises)
 from .runs import (
     NonFiniteGuard,
@@ -107,17 +107,12 @@ class NLLMixConfig:
 
 
 @dataclasses.dataclass
-class PPOConfig:
-    """``stable-rlhf ppo``: PPO with a KL penalty against the initial policy."""
+class PPOConfig(PolicyTrainerConfig):
+    """``stable-rlhf ppo``: PPO with a KL penalty against the initial policy (``prompts``,
+    ``model`` and ``reward`` come from ``PolicyTrainerConfig``)."""
 
-    prompts: str = "data/testbed/prompts_train.jsonl"
-    """PPO prompt records (for the gold reward they need the testbed's task and meta)"""
     out_dir: str = "runs/ppo"
     """run directory"""
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """the initial (SFT) policy; also the reference"""
-    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    """the score being optimised"""
     generation: GenerationConfig = dataclasses.field(
         default_factory=lambda: GenerationConfig(max_new_tokens=48, temperature=0.7, top_p=1.0))
     """rollout sampling; logprobs are computed from logits / temperature, so top_p < 1 makes

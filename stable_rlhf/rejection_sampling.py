@@ -1,6 +1,6 @@
 """``stable-rlhf rejection-sampling``: best-of-n fine-tuning (Llama 2's rejection sampling, RAFT).
 
-Per iteration (shared/DESIGN.md, "Rejection sampling"), each step a function below:
+Per iteration (docs/methods.md, "Rejection sampling"), each step a function below:
 
 1. ``sample``: the next ``prompts_per_iteration`` prompts from a seeded, resumable stream,
    and ``n`` responses to each from the *current* policy (a seed per iteration);
@@ -30,28 +30,23 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from .config import GenerationConfig, ModelConfig
+from .config import GenerationConfig
 from .generation import Generation, generate
 from .io import atomic_write_jsonl
 from .models import free_memory
-from .policy_eval import EvalConfig, TrainingEval
-from .rewards import RewardConfig, build_reward, check_reward_inputs
+from .policy_eval import EvalConfig, PolicyTrainerConfig, TrainingEval
+from .rewards import build_reward, check_reward_inputs
 from .runs import Run, clipped_step, fault_point, load_trainable, mean_stats, timed, trainable_state, unwrap
 from .sft import DemoBatches, encode_demos, sequence_nll
 
 
 @dataclasses.dataclass
-class RejectionSamplingConfig:
-    """``stable-rlhf rejection-sampling``: iterated best-of-n sampling + NLL fine-tuning."""
+class RejectionSamplingConfig(PolicyTrainerConfig):
+    """``stable-rlhf rejection-sampling``: iterated best-of-n sampling + NLL fine-tuning
+    (``prompts``, ``model`` and ``reward`` come from ``PolicyTrainerConfig``)."""
 
-    prompts: str = "data/testbed/prompts_train.jsonl"
-    """prompt records to sample from (for the gold reward they need the testbed's task and meta)"""
     out_dir: str = "runs/rejection-sampling"
     """run directory; the final policy is saved in out_dir/model"""
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """the initial (SFT) policy; its answers are also the win/lose/tie reference"""
-    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    """the score that picks the best sample (used raw: no running normalisation)"""
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     """candidate sampling (temperature must be > 0 when n > 1)"""
     seed: int = 0
