@@ -78,7 +78,7 @@ class ArmConfig:
 
 
 def default_arms() -> dict[str, ArmConfig]:
-    """The paper's ablation (shared/DESIGN.md), plus rejection sampling and the gold oracle."""
+    """The paper's ablation (docs/methods.md), plus rejection sampling and the gold oracle."""
     return {
         "sft": ArmConfig(kind="sft", label="SFT"),
         "rejection-sampling": ArmConfig(kind="rejection-sampling", score="rm", label="RS (RM)"),

@@ -6,7 +6,7 @@ is real), ``ranks`` the position of each response in its labeler's ranking (0 = 
 
 Ranking loss (InstructGPT): all C(K,2) pairs of one prompt form one batch element,
     L = -1/C(K,2) · Σ_{(w,l)} log σ(s_w - s_l).
-Advantage-model terms (shared/DESIGN.md): centred, bounded with margin m, and with
+Advantage-model terms (docs/methods.md): centred, bounded with margin m, and with
 per-task mean 0 and a common spread s*.
 """
 

@@ -1,4 +1,4 @@
-"""``stable-rlhf select``: Selective Rehearsal's data selector (shared/DESIGN.md, "Selective rehearsal").
+"""``stable-rlhf select``: Selective Rehearsal's data selector (docs/methods.md, "Selective Rehearsal").
 
 Splits the PPO prompts into a rehearsal set D_R, prompts on which the SFT policy is already
 expert-aligned (high advantage), kept with their best SFT response for the NLL term
