@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ class PolicyTrainerConfig:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """the score: PPO optimises it (RM scores with running normalisation); rejection sampling keeps
     each prompt's best sample by it, used raw"""
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
+    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
 
 
 @dataclasses.dataclass

@@ -427,7 +427,7 @@ def _load_policy(run: Run, cfg: PPOConfig):
     """The policy, its reference (None with LoRA) and the tokenizer."""
     from .models import apply_lora, load_policy
 
-    policy, tokenizer = load_policy(cfg.model, device=run.device)
+    policy, tokenizer = load_policy(cfg.model, device=run.device, trainable=True)
     reference = None
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
@@ -451,7 +451,7 @@ def _load_value_model(run: Run, cfg: PPOConfig, tokenizer):
         run.print(f"the score model {value_init} has another tokenizer than the policy: the value model "
                   "starts from the policy backbone with a new head")
         value_init = None
-    value_model, _ = load_score_model(cfg.model, device=run.device, init_from=value_init)
+    value_model, _ = load_score_model(cfg.model, device=run.device, init_from=value_init, trainable=True)
     if value_init is None and cfg.value_head_init == "zero":
         with torch.no_grad():
             value_model.head.weight.zero_()

@@ -211,7 +211,7 @@ def setup(run: Run, cfg: RejectionSamplingConfig, prompts: list[dict]) -> tuple[
     and the score source."""
     from .models import load_policy
 
-    policy, tokenizer = load_policy(cfg.model, device=run.device)
+    policy, tokenizer = load_policy(cfg.model, device=run.device, trainable=True)
     reward = build_reward(cfg.reward, device=run.device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     policy, optimizer = run.accelerator.prepare(policy, optimizer)

@@ -131,6 +131,9 @@ class ScoreTrainConfig:
     the per-task moment terms see each task in each batch; False: a plain shuffle"""
     max_bad_steps: int = 3
     """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
+    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
     resume: bool = False
@@ -413,7 +416,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
     tasks = sorted({c.get("task", "default") for c in train_set + eval_set})
     task_index = {t: i for i, t in enumerate(tasks)}
     run = Run(cfg, cfg.objective, log_with=cfg.log_with, fresh_files=("scores_eval.jsonl",), fresh_dirs=("model",))
-    model, tokenizer = load_score_model(cfg.model, device=run.device, init_from=cfg.init_from)  # 2.
+    model, tokenizer = load_score_model(cfg.model, device=run.device, init_from=cfg.init_from, trainable=True)  # 2.
     freeze_lower_layers(model, cfg.train_layers)
     running = RunningTaskMoments(len(tasks), cfg.am.running_momentum, cfg.am.running_count)
     state = TrainState(run, model, score_optimizer(model, cfg), cfg, len(train_set), running=running)

@@ -168,7 +168,7 @@ class Run:
 
     def __init__(self, cfg, name: str, *, log_with: str = "none", keep_checkpoints: int = 1,
                  fresh_files: tuple[str, ...] = (), fresh_dirs: tuple[str, ...] = (), step_name: str = "step"):
-        from .models import make_accelerator
+        from .models import make_accelerator, mixed_precision
         from .rng import seed_everything
 
         _check_log_with(log_with)
@@ -179,7 +179,8 @@ class Run:
         self.fresh_files = ("metrics.jsonl", "summary.json", *fresh_files)
         self.fresh_dirs = ("checkpoints", *fresh_dirs)
         seed_everything(cfg.seed)
-        self.accelerator = make_accelerator(seed=cfg.seed, log_with=None if log_with == "none" else log_with,
+        self.accelerator = make_accelerator(seed=cfg.seed, mixed_precision=mixed_precision(cfg.precision),
+                                            log_with=None if log_with == "none" else log_with,
                                             project_dir=str(self.out / "tensorboard"))
         self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes

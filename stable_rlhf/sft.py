@@ -150,6 +150,9 @@ class SFTConfig:
     """system message in the chat template (use the one the policy will be sampled with)"""
     max_bad_steps: int = 3
     """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
+    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
     resume: bool = False
@@ -179,7 +182,7 @@ def train(cfg: SFTConfig) -> dict:
     start = time.time()
     demos = load_records(cfg.data, "sft")  # 1. bad data stops us before a model loads (or a run dir appears)
     run = Run(cfg, "sft", log_with=cfg.log_with, fresh_dirs=("model",))
-    model, tokenizer = load_policy(cfg.model, device=run.device)  # 2.
+    model, tokenizer = load_policy(cfg.model, device=run.device, trainable=True)  # 2.
     batches = DemoBatches(demos, cfg.batch_size, cfg.seed)
     state = TrainState(run, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), cfg, len(demos), batches=batches)
     state.resume(run.start(cfg.resume))  # 3.
