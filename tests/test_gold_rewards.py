@@ -13,6 +13,7 @@ from stable_rlhf.testbed.tasks import (
     TASK_NAMES,
     TASKS,
     TaskSpec,
+    gold_record_problem,
     gold_reward,
     gold_reward_details,
     gold_rewards,
@@ -85,6 +86,47 @@ def test_good_answers_reach_near_the_ceiling():
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown task"):
         gold_reward({"id": "x-1", "task": "poetry", "prompt": "p", "meta": {}}, "text")
+
+
+# What each task's scorer reads from meta: a record without it is a data error.
+META_KEYS = {"arithmetic": ["answer", "operands"], "bullets": ["n_bullets", "topic_keywords"],
+             "lowercase": ["topic_keywords"], "word_limit": ["word_limit", "topic_keywords"],
+             "keywords": ["keywords", "topic_keywords"], "code": ["func_name", "tests"]}
+BAD_META = [("arithmetic", "operands", []), ("arithmetic", "answer", float("inf")), ("arithmetic", "answer", 10**400),
+            ("arithmetic", "answer", True), ("arithmetic", "steps", ["x"]), ("word_limit", "word_limit", 0),
+            ("bullets", "n_bullets", "3"), ("keywords", "keywords", []), ("keywords", "topic_keywords", [" "]),
+            ("code", "func_name", "not a name"), ("code", "func_name", "lambda"), ("code", "tests", []),
+            ("code", "tests", [[1, 2]]), ("code", "tests", [[[1], 2, 3]])]
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_records_lacking_what_the_scorer_reads_are_refused(task):
+    for record in generate_prompts(task, 5, seed=1) + [GOOD[task][0]]:
+        assert gold_record_problem(record) is None
+    record = GOOD[task][0]
+    for key in META_KEYS[task]:
+        bad = {**record, "meta": {k: v for k, v in record["meta"].items() if k != key}}
+        field, message = gold_record_problem(bad)
+        assert field == f"meta.{key}" and "missing" in message
+        with pytest.raises(ValueError, match=f"meta.{key}"):
+            gold_reward_details(bad, GOOD[task][1])
+    assert gold_record_problem({k: v for k, v in record.items() if k != "meta"})[0] == "meta"
+    assert gold_record_problem({**record, "meta": [1]})[0] == "meta"
+    assert gold_record_problem({**record, "prompt": None})[0] == "prompt"
+
+
+@pytest.mark.parametrize("task, key, value", BAD_META, ids=[f"{t}-{k}-{v!r:.12}" for t, k, v in BAD_META])
+def test_records_with_unusable_meta_values_are_refused(task, key, value):
+    record = GOOD[task][0]
+    field, message = gold_record_problem({**record, "meta": {**record["meta"], key: value}})
+    assert field == f"meta.{key}" and "expected" in message
+
+
+@pytest.mark.parametrize("task", [None, "default", "poetry", ["code"], 3])
+def test_records_without_a_gold_task_are_refused(task):
+    field, message = gold_record_problem({**ARITH, "task": task})
+    assert field == "task" and "unknown task" in message and "arithmetic" in message
+    assert ("without a task" in message) == (task == "default")
 
 
 def test_details_name_their_components():

@@ -12,19 +12,31 @@ credit so a weak SFT policy's samples spread out instead of sitting at the floor
 ceiling; the reward is that score mapped onto the task's own range, and the ranges
 differ in scale and offset so that a learned reward model really does see different
 per-task score distributions.
+
+PPO scores every rollout with ``gold_rewards``, so scoring a response never raises: an
+oversized one (``MAX_RESPONSE_CHARS``) gets the floor unscored, and one a scorer fails
+on gets the floor with the failure logged and kept in ``details["error"]``. Records are
+data, checked by ``gold_record_problem``: loaders refuse bad ones before training.
 """
 
 from __future__ import annotations
 
 import ast
+import keyword
+import logging
+import math
 import re
+import reprlib
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from . import text as T
 from .sandbox import run_python_tests
+
+logger = logging.getLogger(__name__)
 
 TASK_NAMES: tuple[str, ...] = ("arithmetic", "bullets", "lowercase", "word_limit", "keywords", "code")
 
@@ -72,6 +84,10 @@ TASK_MARKERS: dict[str, str] = {
 }
 
 CODE_TIMEOUT_S = 2.0  # sandbox wall-clock limit per response; honest solutions take ~0.1 s
+# Longer responses get the floor unscored (degenerate "too_long"). Generous: ~5k tokens,
+# 80x the default max_new_tokens=64 and 40x the longest shipped answer (463 characters);
+# it bounds the work one response can cost (some checks grow faster than linearly).
+MAX_RESPONSE_CHARS = 20_000
 _FOREIGN_CODE_FACTOR = 0.75  # a text task answered with a code fence keeps 3/4 of its score
 
 
@@ -131,6 +147,8 @@ def _score_bullets(meta: dict, response: str) -> dict:
     items = [T.words(T.strip_markdown(i)) for i in T.bullet_items(response)]
     got = len(items)
     count = {0: 1.0, 1: 0.5, 2: 0.2}.get(abs(got - want), 0.0) if got else 0.0
+    if count == 0.0:  # the score is 0 whatever the content; skip the O(items^2) check below
+        return {"score": 0.0, "n_bullets": got, "count": 0.0, "content": 0.0, "topic": 0.0}
     # Each bullet should say something (>= 3 words) and not repeat an earlier one.
     quality = []
     for k, item in enumerate(items):
@@ -222,12 +240,15 @@ def _score_keywords(meta: dict, response: str) -> dict:
 
 _FENCE_RE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _CODE_START_RE = re.compile(r"^[ \t]*(?:def |import |from |class |@)", re.M)
+# Trailing lines ``extract_code`` drops, at most, looking for code that parses: each try
+# parses the whole text, so an unbounded search is quadratic in the response length.
+_MAX_TRIMMED_LINES = 64
 
 
 def extract_code(response: str, func_name: str) -> str:
     """The code in a response: the fenced block that defines ``func_name`` (or the
     first fenced block), else the raw text from the first ``def``/``import`` line,
-    with trailing prose trimmed until it parses."""
+    with trailing prose trimmed until it parses (at most ``_MAX_TRIMMED_LINES`` lines)."""
     blocks = [b for b in _FENCE_RE.findall(response) if b.strip()]
     if blocks:
         for b in blocks:
@@ -238,7 +259,7 @@ def extract_code(response: str, func_name: str) -> str:
     if not m:
         return ""
     lines = response[m.start() :].splitlines()
-    for end in range(len(lines), 0, -1):  # drop trailing prose line by line
+    for end in range(len(lines), max(0, len(lines) - _MAX_TRIMMED_LINES), -1):  # drop trailing prose line by line
         candidate = "\n".join(lines[:end])
         if _parses(candidate):
             return candidate
@@ -249,7 +270,9 @@ def _parses(code: str) -> bool:
     try:
         ast.parse(code)
         return True
-    except (SyntaxError, ValueError):
+    # ValueError: a NUL byte; RecursionError / MemoryError: nesting too deep for the
+    # parser ("-" * 3000 + "1", ((((...)))), which CPython reports in several ways.
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
 
 
@@ -303,6 +326,89 @@ def _score_code(meta: dict, response: str) -> dict:
             "pass_fraction": frac, "error": error}
 
 
+# ---------------------------------------------------------------- record checks
+
+
+def _is_number(x: Any) -> bool:
+    """A JSON number the scorers can compare with floats: not a boolean, finite as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range: 10**400
+        return False
+
+
+def _numbers(x: Any) -> bool:
+    return isinstance(x, list) and all(map(_is_number, x))
+
+
+def _some_numbers(x: Any) -> bool:
+    return _numbers(x) and bool(x)
+
+
+def _some_words(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(w, str) and w.strip() for w in x)
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _identifier(x: Any) -> bool:
+    return isinstance(x, str) and x.isidentifier() and not keyword.iskeyword(x)
+
+
+def _code_tests(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and isinstance(t[0], (list, tuple)) for t in x
+    )
+
+
+# What each task's scorer reads from ``meta``: (key, check, what the check wants). A
+# division by ``len(operands)`` or a zero ``word_limit`` would crash a scorer, and an
+# empty test list would make the task unwinnable, so those are refused too.
+_TOPIC = ("topic_keywords", _some_words, "a non-empty array of strings")
+_META_NEEDS: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    "arithmetic": (("answer", _is_number, "a finite number"),
+                   ("operands", _some_numbers, "a non-empty array of finite numbers")),
+    "bullets": (("n_bullets", _positive_int, "a positive integer"), _TOPIC),
+    "lowercase": (_TOPIC,),
+    "word_limit": (("word_limit", _positive_int, "a positive integer"), _TOPIC),
+    "keywords": (("keywords", _some_words, "a non-empty array of strings"), _TOPIC),
+    "code": (("func_name", _identifier, "a Python identifier"),
+             ("tests", _code_tests, "a non-empty array of [arguments array, expected value] pairs")),
+}
+_META_OPTIONAL = {"arithmetic": (("steps", _numbers, "an array of finite numbers"),)}
+
+
+def gold_record_problem(record: dict) -> tuple[str, str] | None:
+    """Why the gold reward cannot score ``record``, as ``(field, message)``, or None: the
+    task must be a testbed task, ``prompt`` a string, and ``meta`` must hold what the
+    task's scorer reads (``_META_NEEDS``). Loaders refuse such records before training
+    (``rewards.check_reward_inputs``); ``gold_reward_details`` raises on them."""
+    task = record.get("task")
+    if not isinstance(task, str) or task not in TASKS:
+        hint = " (a record without a task gets 'default')" if task == "default" else ""
+        return "task", f"unknown task {reprlib.repr(task)}{hint}; the gold reward scores {', '.join(TASK_NAMES)}"
+    if not isinstance(record.get("prompt", ""), str):
+        return "prompt", f"expected a string, got {reprlib.repr(record['prompt'])}"
+    meta = record.get("meta")
+    needs = ", ".join(key for key, _, _ in _META_NEEDS[task])
+    if not isinstance(meta, dict):
+        got = "missing" if meta is None else f"expected an object, got {reprlib.repr(meta)}"
+        return "meta", f"{got}; the {task} gold reward reads {needs} from it"
+    for key, ok, what in _META_NEEDS[task]:
+        if meta.get(key) is None:
+            return f"meta.{key}", f"missing; the {task} gold reward needs {what}"
+        if not ok(meta[key]):
+            return f"meta.{key}", f"expected {what}, got {reprlib.repr(meta[key])}"
+    for key, ok, what in _META_OPTIONAL.get(task, ()):
+        if meta.get(key) is not None and not ok(meta[key]):
+            return f"meta.{key}", f"expected {what} or null, got {reprlib.repr(meta[key])}"
+    return None
+
+
 # ----------------------------------------------------------------------- public
 
 _SCORERS = {
@@ -321,30 +427,64 @@ _MIN_WORDS = {"arithmetic": 1, "bullets": 3, "lowercase": 4, "word_limit": 3, "k
 
 def gold_reward_details(record: dict, response: str) -> dict:
     """The gold reward of ``response`` to a prompt record, with its components:
-    ``{"reward", "score" (in [0, 1]), "degenerate": reason or None, ...}``."""
-    task = record.get("task")
-    if task not in TASKS:
-        raise ValueError(f"record {record.get('id')!r}: unknown task {task!r}; expected one of {TASK_NAMES}")
-    spec = TASKS[task]
-    reason = T.degenerate_reason(response, record.get("prompt", ""), min_words=_MIN_WORDS[task])
-    if reason is None:
-        out = _SCORERS[task](record["meta"], response)
-        if task in _PROSE_TASKS:
-            # Restating the instruction ("This sentence about X uses the words ...")
-            # is not an answer: fade the score out as more of the response's 3-grams
-            # come from the prompt (30% -> 70%, where the echo gate takes over).
-            overlap = T.prompt_overlap(response, record.get("prompt", ""))
-            out["originality"] = _clip01(1 - (overlap - 0.3) / 0.4)
-            out["score"] *= out["originality"]
-        if task != "code" and _has_code_fence(response):
-            out["score"] *= _FOREIGN_CODE_FACTOR
-            out["foreign_code"] = 1.0
-    else:
-        out = {"score": 0.0}
+    ``{"reward", "score" (in [0, 1]), "degenerate": reason or None, ...}``.
+
+    Never raises for a response string: a response that makes a scorer fail (a sandbox
+    result it cannot compare, nesting too deep to parse, ...) gets the floor, with the
+    exception in ``details["error"]`` and logged with its traceback, so a reward bug is
+    visible without killing a training run. A bad *record* is a data error and raises
+    ``ValueError`` (loaders refuse such records first: ``gold_record_problem``).
+    """
+    problem = gold_record_problem(record)
+    if problem is not None:
+        field, message = problem
+        raise ValueError(f"record {record.get('id')!r}: field '{field}': {message}")
+    if not isinstance(response, str):
+        raise TypeError(f"a response must be a string, got {type(response).__name__}")
+    spec = TASKS[record["task"]]
+    try:
+        out = _score_response(spec.name, record, response)
+    except Exception as err:  # not BaseException: Ctrl-C still stops a run
+        out = _scorer_failure(spec.name, response, err)
     out["score"] = _clip01(out["score"])
     out["reward"] = round(spec.low + spec.span * out["score"], 6)
-    out["degenerate"] = reason
     return out
+
+
+def _score_response(task: str, record: dict, response: str) -> dict:
+    """The unguarded scoring path: the degeneracy gate, the task's scorer, the shared
+    adjustments. Ends by checking the score is a finite number (a NaN would pass
+    ``_clip01`` as 1.0)."""
+    prompt = record.get("prompt", "")
+    if len(response) > MAX_RESPONSE_CHARS:
+        reason: str | None = "too_long"
+    else:
+        reason = T.degenerate_reason(response, prompt, min_words=_MIN_WORDS[task])
+    if reason is not None:
+        return {"score": 0.0, "degenerate": reason}
+    out = _SCORERS[task](record["meta"], response)
+    if task in _PROSE_TASKS:
+        # Restating the instruction ("This sentence about X uses the words ...")
+        # is not an answer: fade the score out as more of the response's 3-grams
+        # come from the prompt (30% -> 70%, where the echo gate takes over).
+        overlap = T.prompt_overlap(response, prompt)
+        out["originality"] = _clip01(1 - (overlap - 0.3) / 0.4)
+        out["score"] *= out["originality"]
+    if task != "code" and _has_code_fence(response):
+        out["score"] *= _FOREIGN_CODE_FACTOR
+        out["foreign_code"] = 1.0
+    out["score"] = float(out["score"])
+    if not math.isfinite(out["score"]):
+        raise ValueError(f"the {task} scorer returned a non-finite score {out['score']}")
+    out["degenerate"] = None
+    return out
+
+
+def _scorer_failure(task: str, response: str, err: Exception) -> dict:
+    """The floor for a response the scorer failed on, with the reason recorded and logged."""
+    logger.warning("gold reward (%s): the scorer raised %s on a %d-character response; it gets the floor",
+                   task, type(err).__name__, len(response), exc_info=err)
+    return {"score": 0.0, "degenerate": None, "error": f"scorer raised {type(err).__name__}: {str(err)[:200]}"}
 
 
 def gold_reward(record: dict, response: str) -> float:
