@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stable_rlhf.io import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from stable_rlhf.io import atomic_write_text, read_jsonl  # noqa: E402
 
 from .score_models import plot_reliability, plot_score_distributions  # noqa: E402
 
@@ -404,10 +404,29 @@ def build_report(out: Path) -> Path:
                    ("table", (["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]))]
     atomic_write_text(out / "report.md", to_markdown(blocks))
     atomic_write_text(out / "report.html", to_html(blocks))
-    atomic_write_json(out / "report.json", {"table1": t1, "table2": t2, "sft_reference_gold": ref_gold,
-                                            "figures": {k: str(v) if v else None for k, v in figures.items()},
-                                            "timings": timings})
+    report = {"table1": t1, "table2": t2, "sft_reference_gold": ref_gold,
+              "figures": {k: str(v) if v else None for k, v in figures.items()}, "timings": timings}
+    undefined: dict[str, str] = {}
+    report = strict_json(report, "", undefined)
+    report["undefined"] = undefined
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     return out / "report.md"
+
+
+def strict_json(value, path: str, undefined: dict[str, str]):
+    """``value`` with every non-finite float replaced by null, its path recorded in
+    ``undefined`` with the reason (JSON has no NaN: a strict parser rejects the literal)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v, f"{path}.{k}" if path else str(k), undefined) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, f"{path}[{i}]", undefined) for i, v in enumerate(value)]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        undefined[path] = ("no value to average (e.g. a proxy score for an arm without a proxy, or a metric no "
+                           "seed logged)" if np.isnan(value) else "infinite")
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

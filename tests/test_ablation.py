@@ -217,7 +217,10 @@ def test_report_is_filled_from_the_run_directories(ablation):
     text = path.read_text()
     for heading in ("Table 1", "Table 2", "Gold reward per task", "Style leakage", "Findings"):
         assert heading in text
-    data = json.loads((out / "report.json").read_text())
+    def no_constants(name):
+        raise AssertionError(f"report.json holds a {name} literal: not JSON")
+
+    data = json.loads((out / "report.json").read_text(), parse_constant=no_constants)
     assert set(data["table1"]) == {"rm", "am", "rm-pertask"}
     for arm in ARMS:
         row = data["table2"][arm]
@@ -264,3 +267,14 @@ def test_experiment_command_runs_and_reports(ablation, capsys):
     assert main(["--config", str(config)]) == 0
     assert (out / "report.md").stat().st_mtime > 0 and "report:" in capsys.readouterr().out
     assert main(["--config", str(config), "run_arms=[nope]"]) == 2
+
+
+def test_strict_json_nulls_non_finite_values_and_says_why():
+    from analysis.ablation_report import strict_json
+
+    undefined: dict[str, str] = {}
+    out = strict_json({"a": {"mean": float("nan"), "std": None}, "b": [1.0, np.float64("inf"), np.int64(3)]}, "",
+                      undefined)
+    assert out == {"a": {"mean": None, "std": None}, "b": [1.0, None, 3]}
+    assert set(undefined) == {"a.mean", "b[1]"} and undefined["b[1]"] == "infinite"
+    json.dumps(out, allow_nan=False)
