@@ -145,13 +145,15 @@ class PPOConfig(PolicyTrainerConfig):
     cliprange: float = 0.2
     """ε of the policy ratio clip"""
     cliprange_value: float = 0.2
-    """ε of the value clip"""
+    """ε of the value clip: the clipped term keeps a new value within ±ε of the rollout's, and
+    the larger of the clipped and unclipped squared errors is the loss"""
     vf_coef: float = 0.1
     """weight of the value loss"""
     gamma: float = 1.0
     """discount"""
     lam: float = 0.95
-    """GAE λ"""
+    """GAE λ: 1 makes each token's advantage its return minus V (nothing bootstrapped from the
+    critic's later values); lower trades that variance for the critic's bias"""
     whiten_advantages: bool = True
     """whiten advantages over each rollout"""
     kl_coef: float = 0.05
