@@ -14,6 +14,12 @@ transcripts), ``load_dataset_records`` (anything the ``datasets`` library loads)
 ``load_records``, the one entry point configs use. Every problem is a ``DataError``
 whose message starts ``<file>:<line>: field '<field>':`` so the user can jump to it;
 a reader reports up to ``MAX_PROBLEMS`` problems at once, so one run fixes a file.
+
+Strict where a silent default would corrupt a result: a NaN or Infinity literal
+anywhere in a JSONL line is refused (Python's json accepts them), and so is an explicit
+``"task": null`` (a missing task means the default task; a null one is a mistake). A
+caller that needs more of a record (the gold reward needs a testbed task and its meta)
+passes a ``check`` that runs on every record with its location.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -39,8 +46,14 @@ _REQUIRED_TEXT = {
     "sft": ("prompt", "response"),
 }
 
-# Optional fields; null counts as absent (datasets gives null for a column some rows lack).
-_OPTIONAL = ("task", "id", "meta", "gold", "sft_samples")
+# Optional fields; null counts as absent (datasets gives null for a column some rows lack),
+# except for task: a null task is refused rather than read as the default task.
+_OPTIONAL = ("id", "meta", "gold", "sft_samples")
+_NULL_TASK = ("is null; omit the field for the default task (in a dataset, rows that lack a column "
+              "read as null: give every row a task, or none)")
+
+# A caller's extra check of a validated record: its first problem as (field, message), or None.
+RecordCheck = Callable[[dict], "tuple[str, str] | None"]
 
 # HH-RLHF turn headers. The prompt ends with the last Assistant header, so the policy
 # continues exactly where the human-preferred answer began.
@@ -122,12 +135,15 @@ def _check_list(value: Any, field: str, fail) -> list:
     return value
 
 
-def validate_record(rec: dict, kind: Kind, path="<memory>", line: int | None = None) -> dict:
+def validate_record(rec: dict, kind: Kind, path="<memory>", line: int | None = None,
+                    check: RecordCheck | None = None) -> dict:
     """Check one record of ``kind``; return a normalised copy with defaults filled.
 
-    Defaults: ``task`` -> "default"; prompt ``id`` -> a stable hash of task and prompt.
-    Optional fields that are null count as absent and are dropped (``datasets`` gives
-    null for a column some rows lack). Raises ``DataError`` at the first problem.
+    Defaults: ``task`` -> "default" when absent (a null task is refused); prompt ``id``
+    -> a stable hash of task and prompt. Other optional fields that are null count as
+    absent and are dropped (``datasets`` gives null for a column some rows lack).
+    ``check`` then looks at the normalised record. Raises ``DataError`` at the first
+    problem.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
@@ -141,7 +157,9 @@ def validate_record(rec: dict, kind: Kind, path="<memory>", line: int | None = N
     for field in _REQUIRED_TEXT[kind]:
         _check_text(_required(rec, field, fail), field, fail)
 
-    out["task"] = DEFAULT_TASK if out.get("task") is None else _check_text(out["task"], "task", fail)
+    if "task" in rec and rec["task"] is None:
+        raise fail("task", _NULL_TASK)
+    out["task"] = _check_text(out["task"], "task", fail) if "task" in out else DEFAULT_TASK
     if "meta" in out and not isinstance(out["meta"], dict):
         raise fail("meta", f"expected an object, got {_json_type(out['meta'])}")
 
@@ -152,6 +170,9 @@ def validate_record(rec: dict, kind: Kind, path="<memory>", line: int | None = N
         _validate_ranked(out, fail)
     if kind == "prompt":
         out["id"] = _prompt_id(out, fail)
+    problem = check(out) if check is not None else None
+    if problem is not None:
+        raise fail(*problem)
     return out
 
 
@@ -253,6 +274,40 @@ def _raw_lines(path) -> Iterator[tuple[int, tuple[bytes, int]]]:
         offset += len(raw) + 1
 
 
+class _NonFiniteLiteral(str):
+    """What a data line's NaN, Infinity or -Infinity literal is read as, so that
+    ``_parse_line`` can refuse it and say in which field it was. (Our own metrics logs,
+    read by ``io.read_jsonl``, may hold NaN; data files may not.)"""
+
+
+def _non_finite_field(obj: Any) -> tuple[str, str] | None:
+    """(field, literal) of the first non-finite number in a parsed record, a
+    ``_NonFiniteLiteral`` or a float (``datasets`` reads NaN from .json files, and a CSV's
+    empty numeric cell as NaN), in document order (``gold[1]``, ``meta.answer``;
+    ``<line>`` for the whole line), or None. Iterative: a deeply nested line that json
+    could read must not overflow us."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, _NonFiniteLiteral):
+            return where or "<line>", str(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return where or "<line>", "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else k, v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _refuse_non_finite(obj: Any, path, line: int | None) -> None:
+    found = _non_finite_field(obj)
+    if found is not None:
+        field, literal = found
+        raise DataError(path, line, field, f"{literal} is not a finite number: data hold numbers or null "
+                                           "(Python's json.dump writes NaN and Infinity; pandas reads an empty cell as NaN)")
+
+
 def _parse_line(path, line: int, raw: bytes, offset: int) -> Any:
     try:
         text = raw.decode("utf-8")
@@ -263,9 +318,14 @@ def _parse_line(path, line: int, raw: bytes, offset: int) -> Any:
             f"(offset {offset + e.start} in the file)",
         ) from None
     try:
-        return json.loads(text)
+        obj = json.loads(text, parse_constant=_NonFiniteLiteral)
     except json.JSONDecodeError as e:
         raise DataError(path, line, "<line>", f"malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, line, "<line>", "malformed JSON: nested too deeply to read") from None
+    if "NaN" in text or "Infinity" in text:  # skips the walk for the usual line with neither word
+        _refuse_non_finite(obj, path, line)
+    return obj
 
 
 def _collect(path, rows: Iterable[tuple[int, Any]], convert: Callable[[int, Any], dict],
@@ -292,13 +352,14 @@ def _collect(path, rows: Iterable[tuple[int, Any]], convert: Callable[[int, Any]
     return records
 
 
-def read_jsonl(path, kind: Kind, limit: int | None = None) -> list[dict]:
-    """Read and validate a JSONL file of ``kind`` records (at most ``limit`` of them)."""
+def read_jsonl(path, kind: Kind, limit: int | None = None, check: RecordCheck | None = None) -> list[dict]:
+    """Read and validate a JSONL file of ``kind`` records (at most ``limit`` of them),
+    each also passing ``check`` if given."""
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
 
     def convert(line: int, raw: tuple[bytes, int]) -> dict:
-        return validate_record(_parse_line(path, line, *raw), kind, path, line)
+        return validate_record(_parse_line(path, line, *raw), kind, path, line, check)
 
     return _collect(path, _raw_lines(path), convert, limit)
 
@@ -306,7 +367,7 @@ def read_jsonl(path, kind: Kind, limit: int | None = None) -> list[dict]:
 # --------------------------------------------------------------------------- HH-RLHF
 
 
-def _hh_to_pair(obj: Any, path, line: int) -> dict:
+def _hh_to_pair(obj: Any, path, line: int, check: RecordCheck | None = None) -> dict:
     """One HH-RLHF line {"chosen": transcript, "rejected": transcript} -> a pair record."""
 
     def fail(field: str, message: str) -> DataError:
@@ -332,19 +393,21 @@ def _hh_to_pair(obj: Any, path, line: int) -> dict:
                                "both transcripts must share the same conversation up to the compared answers")
     pair = {k: v for k, v in obj.items() if k not in ("chosen", "rejected")}
     pair.update(prompt=prompt, chosen=chosen[cuts["chosen"]:].strip(), rejected=rejected[cuts["rejected"]:].strip())
-    if pair.get("task") is None:
+    if "task" not in pair:  # a null task is refused, as everywhere
         pair["task"] = HH_TASK
-    return validate_record(pair, "pair", path, line)
+    return validate_record(pair, "pair", path, line, check)
 
 
-def read_hh_rlhf(path) -> list[dict]:
+def read_hh_rlhf(path, check: RecordCheck | None = None) -> list[dict]:
     """Read an HH-RLHF JSONL file into pair records.
 
     The prompt is the whole conversation up to and including the last
     "\\n\\nAssistant:" header (a transcript, kept verbatim); chosen and rejected are
     the final assistant turns, stripped. ``task`` is "hh" unless the line has one.
+    Each pair also passes ``check`` if given.
     """
-    return _collect(path, _raw_lines(path), lambda line, raw: _hh_to_pair(_parse_line(path, line, *raw), path, line))
+    return _collect(path, _raw_lines(path),
+                    lambda line, raw: _hh_to_pair(_parse_line(path, line, *raw), path, line, check))
 
 
 # --------------------------------------------------------------------------- datasets
@@ -408,13 +471,13 @@ def _check_field_map(field_map: dict, columns: list[str], label: str) -> None:
 
 
 def load_dataset_records(name_or_path: str, kind: Kind, split: str = "train", data_files=None,
-                         field_map: dict | None = None, revision=None) -> list[dict]:
+                         field_map: dict | None = None, revision=None, check: RecordCheck | None = None) -> list[dict]:
     """Load any ``datasets`` dataset (hub id, local directory, or a .json/.jsonl/.csv/.parquet
     file) and validate each row as a ``kind`` record.
 
     ``field_map`` renames the dataset's columns to our field names, e.g.
     ``{"question": "prompt"}``. Errors are located as ``<name>[<split>]:<row + 1>`` and
-    name the dataset's own column.
+    name the dataset's own column. Each record also passes ``check`` if given.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
@@ -426,13 +489,15 @@ def load_dataset_records(name_or_path: str, kind: Kind, split: str = "train", da
         if isinstance(row, dict):
             row = {field_map.get(k, k): v for k, v in row.items()}
         try:
-            return validate_record(row, kind, where, line)
+            _refuse_non_finite(row, where, line)
+            return validate_record(row, kind, where, line, check)
         except DataError as e:
-            base, bracket, rest = (e.field or "").partition("[")
+            field = e.field or ""
+            base = re.match(r"[^.\[]*", field).group()  # "responses" of "responses[2]", "meta" of "meta.x"
             if base not in source:
                 raise
             # Point at the column the user sees in their data, not our name for it.
-            raise DataError(e.path, e.line, source[base] + bracket + rest,
+            raise DataError(e.path, e.line, source[base] + field[len(base):],
                             f"{e.message} (column '{source[base]}' is read as '{base}')") from None
 
     try:
@@ -469,8 +534,9 @@ def _hh_as(kind: Kind, pairs: list[dict], spec: str) -> list[dict]:
     raise DataError(spec, None, None, f"HH-RLHF data are preference pairs: load them as kind 'pair', 'ranked' or 'prompt', not {kind!r}")
 
 
-def load_records(spec: str, kind: Kind) -> list[dict]:
-    """Load ``kind`` records from a config's data spec:
+def load_records(spec: str, kind: Kind, check: RecordCheck | None = None) -> list[dict]:
+    """Load ``kind`` records from a config's data spec, each also passing ``check`` if given
+    (its problems located like any other):
 
     ``path.jsonl``         our JSONL format (``read_jsonl``)
     ``hh:path.jsonl``      HH-RLHF transcripts (pairs; also as kind "ranked" or "prompt")
@@ -481,17 +547,17 @@ def load_records(spec: str, kind: Kind) -> list[dict]:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {KINDS}")
     spec = str(spec)
     if spec.startswith("hh:"):
-        return _hh_as(kind, read_hh_rlhf(spec[3:]), spec)
+        return _hh_as(kind, read_hh_rlhf(spec[3:], check), spec)
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
         if not name:
             raise DataError(spec, None, None, "no dataset name after 'hf:'; expected 'hf:<name>[:split]'")
-        return load_dataset_records(name, kind, split or "train")
+        return load_dataset_records(name, kind, split or "train", check=check)
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return read_jsonl(path, kind)
+        return read_jsonl(path, kind, check=check)
     if path.is_dir() or suffix in (".json", ".csv", ".parquet"):
-        return load_dataset_records(spec, kind)
+        return load_dataset_records(spec, kind, check=check)
     raise DataError(spec, None, None, "cannot tell the data format; use a .jsonl file, 'hh:<file>', "
                                       "'hf:<name>[:split]', a directory, or a .json/.csv/.parquet file")

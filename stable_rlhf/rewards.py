@@ -94,17 +94,38 @@ def build_reward(cfg: RewardConfig, device=None):
 
 
 def check_reward_inputs(cfg: RewardConfig, prompts: list[dict], prompts_spec: str) -> None:
-    """Before any model loads: the gold reward knows every prompt's task; a score model path
-    is a saved score model."""
+    """Before any model loads: the gold reward can score every prompt (``check_gold_prompts``);
+    a score model path is a saved score model."""
     from pathlib import Path
 
     from .data import DataError
 
     if cfg.source == "gold":
-        from .testbed.tasks import TASKS
-
-        unknown = sorted({r["task"] for r in prompts} - set(TASKS))
-        if unknown:
-            raise DataError(prompts_spec, None, "task", f"the gold reward has no task(s) {unknown}")
+        check_gold_prompts(prompts, prompts_spec)
     elif not Path(cfg.path, "score_model.json").is_file():
         raise DataError(cfg.path, None, "reward.path", "not a saved score model directory (no score_model.json)")
+
+
+def check_gold_prompts(prompts: list[dict], prompts_spec: str) -> None:
+    """Refuse prompts the gold reward cannot score, with a ``DataError`` naming
+    file:line:field: a task that is missing (read as "default") or not a testbed task, or
+    a ``meta`` without what the task's scorer reads (``tasks.gold_record_problem``).
+
+    Loaded records no longer know their lines, so when one fails, ``prompts_spec`` is read
+    again with the check applied, which locates every failing line (prompts that did not
+    come from ``prompts_spec`` are named by their index and id instead).
+    """
+    from .data import DataError, load_records
+    from .testbed.tasks import gold_record_problem
+
+    for i, record in enumerate(prompts):
+        problem = gold_record_problem(record)
+        if problem is None:
+            continue
+        try:
+            load_records(prompts_spec, "prompt", check=gold_record_problem)
+        except DataError as located:
+            if located.line is not None:
+                raise
+        field, message = problem
+        raise DataError(prompts_spec, None, field, f"prompt {i} (id {record.get('id')!r}): {message}")

@@ -1,6 +1,7 @@
 """Data readers and validation: every malformed input names its file, line and field."""
 
 import json
+import math
 import os
 import pickle
 
@@ -88,6 +89,15 @@ MALFORMED = {
     "top-level array": ("pair", [PAIR, [1, 2]], 2, "<line>", "got array"),
     "top-level string": ("sft", ['"just text"'], 1, "<line>", "got string"),
     "null prompt": ("prompt", [{"prompt": None}], 1, "prompt", "null"),
+    # a missing task is the default task; a null one is a mistake, not a default
+    "null task": ("prompt", [{"prompt": "p"}, {"prompt": "p", "task": None}], 2, "task", "omit the field"),
+    "null task in a pair": ("pair", [{**PAIR, "task": None}], 1, "task", "null"),
+    # Python's json reads (and json.dump writes) NaN and Infinity; data files may not hold them
+    "NaN literal in meta": ("prompt", ['{"prompt": "p", "meta": {"a": [1, {"answer": NaN}]}}'], 1, "meta.a[1].answer", "NaN"),
+    "Infinity literal": ("ranked", [{**RANKED, "gold": [1.0, 2.0, 0.0]}, {**RANKED, "gold": [1, 2, float("inf")]}], 2, "gold[2]", "Infinity"),
+    "-Infinity in an extra field": ("sft", ['{"prompt": "p", "response": "r", "score": -Infinity}'], 1, "score", "-Infinity"),
+    "a bare NaN line": ("sft", ["NaN"], 1, "<line>", "finite"),
+    "nested too deeply": ("prompt", ['{"prompt": "p", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"], 1, "<line>", "nested"),
     "prompt id empty": ("prompt", [{"prompt": "p", "id": ""}], 1, "id", "empty"),
 }
 
@@ -160,6 +170,42 @@ def test_hh_missing_rejected(tmp_path):
     check_error(info.value, path, 1, "rejected")
 
 
+def test_hh_task_defaults_to_hh_but_null_is_refused(tmp_path):
+    assert read_hh_rlhf(write_lines(tmp_path, [HH]))[0]["task"] == "hh"
+    path = write_lines(tmp_path, [HH, {**HH, "task": None}])
+    with pytest.raises(DataError, match="null") as info:
+        read_hh_rlhf(path)
+    check_error(info.value, path, 2, "task")
+
+
+def test_metrics_logs_may_hold_nan_data_files_may_not(tmp_path):
+    from stable_rlhf.io import read_jsonl as read_log
+
+    path = write_lines(tmp_path, [{"step": 1, "loss": float("nan"), "prompt": "p", "response": "NaN"}])
+    assert math.isnan(read_log(path)[0]["loss"])  # a diverged run's metrics stay readable
+    with pytest.raises(DataError, match="NaN"):
+        read_jsonl(path, "sft")
+    # the words themselves are fine inside strings
+    assert read_jsonl(write_lines(tmp_path, [{"prompt": "NaN or Infinity?", "response": "NaN"}]), "sft")
+
+
+def test_check_runs_on_every_record_with_its_location(tmp_path):
+    def needs_meta(rec):
+        return None if "meta" in rec else ("meta", "the check wants meta")
+
+    good = {"prompt": "p", "meta": {}}
+    path = write_lines(tmp_path, [good, {"prompt": "q"}, good, {"prompt": "r"}])
+    assert len(read_jsonl(path, "prompt")) == 4
+    with pytest.raises(DataError, match="the check wants meta") as info:
+        load_records(str(path), "prompt", check=needs_meta)
+    check_error(info.value, path, 2, "meta")
+    assert [(o.line, o.field) for o in info.value.others] == [(4, "meta")]
+    hh = write_lines(tmp_path, [HH], name="hh.jsonl")
+    with pytest.raises(DataError) as info:
+        load_records(f"hh:{hh}", "prompt", check=needs_meta)
+    check_error(info.value, hh, 1, "meta")
+
+
 def test_hh_multi_turn_conversion(tmp_path):
     path = write_lines(tmp_path, [HH, {**HH, "task": "harmless", "split": "test"}])
     first, second = read_hh_rlhf(path)
@@ -198,10 +244,10 @@ def test_defaults_filled_and_extra_keys_kept(tmp_path):
 
 
 def test_validate_record_drops_null_optionals_and_copies():
-    rec = {"prompt": "p", "chosen": "a", "rejected": "b", "task": None, "meta": None}
+    rec = {"prompt": "p", "chosen": "a", "rejected": "b", "id": None, "meta": None}
     out = validate_record(rec, "pair")
     assert out == {"prompt": "p", "chosen": "a", "rejected": "b", "task": "default"}
-    assert rec["task"] is None  # input untouched
+    assert rec["meta"] is None and "task" not in rec  # input untouched
     with pytest.raises(DataError) as info:
         validate_record({"prompt": "p"}, "sft", path="x", line=5)
     check_error(info.value, "x", 5, "response")
@@ -305,6 +351,24 @@ def test_load_dataset_records_malformed_json_line_is_located(tmp_path):
     with pytest.raises(DataError, match="malformed JSON") as info:
         load_dataset_records(str(path), "pair")
     check_error(info.value, path, 3, "<line>")
+
+
+def test_load_dataset_records_refuses_null_tasks_and_non_finite_numbers(tmp_path):
+    # datasets gives null for a column some rows lack: a row without a task in a file
+    # where others have one is refused, not silently given the default task
+    mixed = write_lines(tmp_path, [{"prompt": "a", "task": "code"}, {"prompt": "b"}], name="mixed.json")
+    with pytest.raises(DataError, match="give every row a task") as info:
+        load_records(str(mixed), "prompt")
+    check_error(info.value, f"{mixed}[train]", 2, "task")
+    # datasets' JSON reader accepts NaN; we do not
+    nan = write_lines(tmp_path, [{"prompt": "a", "meta": {"x": 1.0}}, '{"prompt": "b", "meta": {"x": NaN}}'], name="nan.json")
+    with pytest.raises(DataError, match="NaN") as info:
+        load_records(str(nan), "prompt")
+    check_error(info.value, f"{nan}[train]", 2, "meta.x")
+    info_col = write_lines(tmp_path, ['{"prompt": "b", "info": {"x": -Infinity}}'], name="info.json")
+    with pytest.raises(DataError, match="read as 'meta'") as info:
+        load_dataset_records(str(info_col), "prompt", field_map={"info": "meta"})
+    check_error(info.value, f"{info_col}[train]", 1, "info.x")  # the user's column, not our name for it
 
 
 def test_load_dataset_records_unreachable_hub_is_a_data_error():
