@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stable_rlhf.testbed import text
+from stable_rlhf.testbed import sandbox, text
 from stable_rlhf.testbed.prompts import generate_prompts
 from stable_rlhf.testbed.sandbox import run_python_tests
 from stable_rlhf.testbed.tasks import MAX_RESPONSE_CHARS, TASK_NAMES, TASKS, gold_reward_details, gold_rewards
@@ -126,9 +126,9 @@ CRASHES = {
 @pytest.mark.parametrize("response", list(CRASHES.values()), ids=list(CRASHES))
 def test_known_crashes_score_near_the_floor(response):
     d = check_details("code", response)
-    # the floor when scoring fails; 0.1 (a defined function that passes nothing) once the
-    # sandbox copes with the result itself
-    assert d["score"] <= 0.1 and d["error"], d
+    # the floor (with details["error"]) where scoring fails; 0.1, a defined function that
+    # passes no test, where the sandbox copes with the result itself
+    assert d["score"] <= 0.1, d
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
@@ -181,21 +181,31 @@ def test_bad_records_still_raise():
         gold_reward_details(RECORDS["bullets"], None)
 
 
-# ------------------------------------------- sandbox.py bugs, handed to its owner
-# run_python_tests raises on these results instead of counting the test as failed;
-# tasks.py floors them meanwhile (test_known_crashes_score_near_the_floor). strict: when
-# sandbox.py is fixed these pass, and the markers should go.
+def test_an_unusable_sandbox_stops_the_run(monkeypatch):
+    # not a response's fault: flooring every code answer would train on a broken reward
+    class Unavailable(RuntimeError):
+        pass
+
+    monkeypatch.setattr(sandbox, "SandboxUnavailable", Unavailable, raising=False)
+
+    def unavailable(*a, **k):
+        raise Unavailable("the code sandbox needs root")
+
+    monkeypatch.setattr("stable_rlhf.testbed.tasks.run_python_tests", unavailable)
+    with pytest.raises(Unavailable):
+        gold_reward_details(RECORDS["code"], f"def {FUNC}(*a):\n    return 1")
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True,
-                   reason="sandbox._same: math.isclose(10**400, 1) converts the int to float")
+# ------------------------------------------------------- what sandbox.py must cope with
+# The committed run_python_tests (e01ca67) raised on these results (OverflowError in _same,
+# RecursionError in _collect's json.loads) instead of counting the test as failed.
+
+
 def test_sandbox_counts_a_huge_int_result_as_a_failed_test():
     res = run_python_tests("def f():\n    return 10**400", "f", [([], 1)], timeout_s=5.0)
     assert (res.passed, res.total) == (0, 1)
 
 
-@pytest.mark.xfail(raises=RecursionError, strict=True,
-                   reason="sandbox._collect: json.loads of a result line nested 990 deep (catches ValueError only)")
 def test_sandbox_counts_a_deeply_nested_result_as_a_failed_test():
     res = run_python_tests(DEEP_LIST.replace(FUNC, "f"), "f", [([], 1)], timeout_s=5.0)
     assert (res.passed, res.total) == (0, 1)

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import sandbox
 from . import text as T
 from .sandbox import run_python_tests
 
@@ -445,6 +446,8 @@ def gold_reward_details(record: dict, response: str) -> dict:
     try:
         out = _score_response(spec.name, record, response)
     except Exception as err:  # not BaseException: Ctrl-C still stops a run
+        if _machinery_failure(err):
+            raise
         out = _scorer_failure(spec.name, response, err)
     out["score"] = _clip01(out["score"])
     out["reward"] = round(spec.low + spec.span * out["score"], 6)
@@ -478,6 +481,14 @@ def _score_response(task: str, record: dict, response: str) -> dict:
         raise ValueError(f"the {task} scorer returned a non-finite score {out['score']}")
     out["degenerate"] = None
     return out
+
+
+def _machinery_failure(err: Exception) -> bool:
+    """A failure of the scoring machinery, not of one response: it must stop the run, not
+    floor every answer. (``sandbox.SandboxUnavailable``: where code cannot be isolated;
+    looked up at call time, as the sandbox hardening work adds it.)"""
+    unavailable = getattr(sandbox, "SandboxUnavailable", None)
+    return unavailable is not None and isinstance(err, unavailable)
 
 
 def _scorer_failure(task: str, response: str, err: Exception) -> dict:
