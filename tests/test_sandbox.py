@@ -171,3 +171,25 @@ def test_bool_is_not_an_int_and_floats_are_tolerant():
     assert run_python_tests("def even(n):\n    return int(n % 2 == 0)\n", "even", tests).passed == 0
     assert run_python_tests("def even(n):\n    return n % 2 == 0\n", "even", tests).passed == 2
     assert run_python_tests("def third():\n    return 0.1 + 0.2\n", "third", [([], 0.3)]).passed == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "    return 10**400\n",  # an int no float can hold
+        "    return 10**5000\n",  # past int -> str's digit limit
+        "    return [float('nan'), float('inf')]\n",
+        "    x = []\n    for _ in range(990):\n        x = [x]\n    return x\n",  # near the recursion limit
+        "    import sys\n    sys.setrecursionlimit(10**5)\n    x = []\n"
+        "    for _ in range(20000):\n        x = [x]\n    return x\n",
+        "    return 'x' * 10**6\n",  # a result line over the size limit
+    ],
+)
+def test_crafted_return_values_fail_instead_of_crashing(body):
+    res = run_python_tests("def f():\n" + body, "f", [([], 1), ([], 1.5), ([], [[1.0]])])
+    assert res.passed == 0 and not res.timed_out, res
+
+
+def test_big_ints_are_compared_exactly():
+    assert run_python_tests("def f():\n    return 10**400\n", "f", [([], 10**400)]).passed == 1
+    assert run_python_tests("def f():\n    return 10**400 + 1\n", "f", [([], 10**400)]).passed == 0
