@@ -366,13 +366,14 @@ def check_inputs(plan: Plan) -> None:
     validated when the plan was built)."""
     from .data import load_records
     from .rewards import check_reward_inputs
+    from .testbed.tasks import gold_record_problem
 
     cfg = plan.cfg
     records = load_records(cfg.prompts, "prompt")
     check_reward_inputs(RewardConfig(source="gold"), records, cfg.prompts)  # every arm is evaluated by gold
-    load_records(cfg.eval.prompts, "prompt")
+    load_records(cfg.eval.prompts, "prompt", check=gold_record_problem)
     if cfg.eval.forget_prompts:
-        load_records(cfg.eval.forget_prompts, "prompt")
+        load_records(cfg.eval.forget_prompts, "prompt", check=gold_record_problem)
     files: list[tuple[str, str]] = []  # (path, record kind) of the trainers' data
     for stage in plan.stages:
         if stage.kind == "score":

@@ -88,11 +88,14 @@ class PolicyEvaluator:
     def __init__(self, cfg: EvalConfig, out_dir: Path, proxy: Callable | None, workers: int = 2):
         from .data import read_jsonl as read_records
         from .testbed.evaluate import limit_per_task
+        from .testbed.tasks import gold_record_problem
 
+        # every eval answer is scored by the gold reward: a prompt it cannot score stops us here
         self.cfg, self.out, self.proxy, self.workers = cfg, Path(out_dir), proxy, workers
-        self.sets = {"eval": limit_per_task(read_records(cfg.prompts, "prompt"), cfg.limit_per_task)}
+        self.sets = {"eval": limit_per_task(read_records(cfg.prompts, "prompt", check=gold_record_problem),
+                                            cfg.limit_per_task)}
         if cfg.forget_prompts:
-            self.sets["forget"] = read_records(cfg.forget_prompts, "prompt")
+            self.sets["forget"] = read_records(cfg.forget_prompts, "prompt", check=gold_record_problem)
         self.reference: dict[str, list[dict]] = {}
 
     def _answer(self, model, tokenizer, records: list[dict], device) -> list[dict]:

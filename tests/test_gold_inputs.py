@@ -100,3 +100,19 @@ def test_ppo_refuses_bad_gold_prompts_before_a_model_loads(tmp_path, capsys, mon
     assert main(["ppo", f"prompts={spec}", "model.name_or_path=tiny-random", f"out_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert f"{spec}:2: field 'meta.tests'" in err
+
+
+@pytest.mark.parametrize("which", ["eval.prompts", "eval.forget_prompts"])
+@pytest.mark.parametrize("stage", ["ppo", "rejection-sampling"])
+def test_eval_prompts_the_gold_reward_cannot_score_stop_a_policy_run_before_any_model(
+        tmp_path, capsys, monkeypatch, stage, which):
+    from stable_rlhf.cli import main
+
+    good = json.loads((TESTBED / "prompts_eval.jsonl").read_text().splitlines()[0])
+    bad = write(tmp_path, [good, {**good, "task": "poetry"}])
+    monkeypatch.setattr("stable_rlhf.models.load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = main([stage, "model.name_or_path=tiny-random", f"out_dir={tmp_path / 'run'}", f"{which}={bad}",
+                 "log_with=none"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "task" in err

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import GenerationConfig, ModelConfig, save_config
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from .tasks import TASKS, gold_rewards, style_markers
+from .tasks import TASKS, gold_record_problem, gold_rewards, style_markers
 
 
 def sample_and_score(
@@ -204,12 +204,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from ..data import read_jsonl
     from ..models import load_policy, make_accelerator
 
-    records = limit_per_task(read_jsonl(cfg.prompts, "prompt"), cfg.limit_per_task)  # validated before loading
-    unknown = sorted({r["task"] for r in records} - set(TASKS))
-    if unknown:
-        from ..data import DataError
-
-        raise DataError(cfg.prompts, None, "task", f"no gold reward for task(s) {unknown}")
+    # validated before a model loads: every record must be one the gold reward can score
+    records = limit_per_task(read_jsonl(cfg.prompts, "prompt", check=gold_record_problem), cfg.limit_per_task)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
