@@ -106,7 +106,8 @@ def table1(out: Path, index: dict) -> tuple[list[str], list[list[str]], dict]:
 
 
 def table2(index: dict) -> tuple[list[str], list[list[str]], dict]:
-    head = ["arm", "seeds", "gold (norm.)", "win", "lose", "tie", "KL", "forgetting-set win", "proxy score"]
+    head = ["arm", "seeds", "gold (norm.)", "win", "lose", "tie", "KL", "forgetting-set win", "proxy score",
+            "degenerate share"]
     rows, data = [], {}
     for name, arm in index["arms"].items():
         finals = [r["summary"]["final"] for r in arm["seeds"].values()]
@@ -114,11 +115,11 @@ def table2(index: dict) -> tuple[list[str], list[list[str]], dict]:
             rows.append([arm["label"], "0"] + ["not run"] * (len(head) - 2))
             continue
         cols = {k: [f.get(k) for f in finals] for k in ("gold_reward", "win", "lose", "tie", "kl", "forget_win",
-                                                         "proxy_score")}
+                                                         "proxy_score", "degenerate")}
         data[name] = {k: {"mean": mean_std(v)[0], "std": mean_std(v)[1], "values": v} for k, v in cols.items()}
         rows.append([arm["label"], str(len(finals)), fmt(cols["gold_reward"], 4), fmt(cols["win"]),
                      fmt(cols["lose"]), fmt(cols["tie"]), fmt(cols["kl"], 2), fmt(cols["forget_win"]),
-                     fmt(cols["proxy_score"], 3)])
+                     fmt(cols["proxy_score"], 3), fmt(cols["degenerate"])])
     return head, rows, data
 
 
@@ -137,7 +138,7 @@ def task_table(index: dict, prefix: str, digits: int = 3) -> tuple[list[str], li
     tasks = sorted({k.split("/", 2)[2] for rows in finals.values() for m in rows for k in m
                     if k.startswith(prefix + "/")})
     head = ["arm"] + tasks + ["all"]
-    overall = "eval/leakage" if prefix == "eval/leakage" else "eval/gold_norm"
+    overall = prefix if prefix in ("eval/leakage", "eval/degenerate") else "eval/gold_norm"
     rows = []
     if ref_row is not None:
         rows.append(["SFT reference answers"] + [f"{ref_row.get(f'{prefix}/{t}', float('nan')):.{digits}f}"
@@ -335,6 +336,7 @@ def build_report(out: Path) -> Path:
     t2_head, t2_rows, t2 = table2(index)
     gold_head, gold_rows = task_table(index, "eval/gold")
     leak_head, leak_rows = task_table(index, "eval/leakage")
+    degen_head, degen_rows = task_table(index, "eval/degenerate")
     ref_rows = read_jsonl(out / index["shared"]["eval_reference"] / "eval_reference_eval.jsonl") \
         if (out / index["shared"]["eval_reference"] / "eval_reference_eval.jsonl").exists() else []
     ref_gold = None
@@ -356,6 +358,8 @@ def build_report(out: Path) -> Path:
     if t2:
         figures["win_lose_tie"] = plot_wlt(index, t2, plots / "win_lose_tie.png")
     figures["gold_vs_kl"] = plot_vs_kl(index, "eval/gold_norm", plots / "gold_vs_kl.png", "eval gold (normalised)")
+    figures["degenerate_vs_kl"] = plot_vs_kl(index, "eval/degenerate", plots / "degenerate_vs_kl.png",
+                                             "degenerate share of eval answers")
     figures["proxy_vs_kl"] = plot_vs_kl(index, "eval/proxy", plots / "proxy_vs_kl.png", "eval proxy score (optimised)")
     figures["forgetting"] = plot_over_steps(index, [("forget/win", "forgetting-set win rate vs SFT"),
                                                     ("forget/lose", "forgetting-set lose rate vs SFT")],
@@ -385,12 +389,17 @@ def build_report(out: Path) -> Path:
         ("table", (gold_head, gold_rows)),
         ("h2", "Style leakage (fraction of eval answers carrying another task's style)"),
         ("table", (leak_head, leak_rows)),
+        ("h2", "Degenerate answers (fraction of final eval answers the gold reward's degeneracy gate floors: "
+               "empty, too short, repeated tokens, the prompt echoed, bare markup, too long)"),
+        ("table", (degen_head, degen_rows)),
     ]
     captions = {
         "score_distributions": "Per-task score distributions of the RM and the AM on held-out responses (Figure 1a).",
         "reliability": "Reliability diagrams: accuracy per confidence bin of P(y_w ≻ y_l) = σ(s_w − s_l).",
         "win_lose_tie": "Win / tie / lose against the SFT policy per arm.",
         "gold_vs_kl": "Gold reward against the KL from the SFT policy, every eval point of every seed.",
+        "degenerate_vs_kl": "Share of degenerate eval answers against the KL from the SFT policy: over-optimisation "
+                            "that games the proxy with garbage shows here first.",
         "proxy_vs_kl": "The optimised (proxy) score against KL, one panel per arm (proxies differ in scale).",
         "forgetting": "Forgetting-set win and lose rates against the SFT policy over training (Figure 1b).",
         "reward_curves": "Eval gold reward and eval proxy score over training (mean ± std over seeds).",

@@ -151,6 +151,7 @@ class PolicyEvaluator:
             wlt = win_lose_tie([r["gold"] for r in rows], [r["gold"] for r in ref])
             stats.update({f"{name}/{k}": v for k, v in wlt.items()})
             stats[f"{name}/gold_norm"] = table["all"]["gold_norm_mean"]
+            stats[f"{name}/degenerate"] = table["all"]["degenerate_rate"]
             if name == "eval":
                 stats["eval/tokens"] = table["all"]["tokens_mean"]
                 stats["eval/truncated"] = float(np.mean([r["truncated"] for r in rows]))
@@ -158,6 +159,7 @@ class PolicyEvaluator:
                 for task in sorted(t for t in table if t != "all"):
                     stats[f"eval/gold/{task}"] = table[task]["gold_mean"]
                     stats[f"eval/leakage/{task}"] = table[task]["leakage_rate"]
+                    stats[f"eval/degenerate/{task}"] = table[task]["degenerate_rate"]
                 if self.proxy is not None:
                     stats["eval/proxy"] = float(np.mean([r["proxy"] for r in rows]))
                     for task in sorted(t for t in table if t != "all"):
@@ -213,10 +215,12 @@ def eval_point(evaluator: PolicyEvaluator | None, accelerator, log, model, token
 def final_metrics(stats: dict) -> dict:
     """summary.json's ``final`` block (without the trainer's own keys) from an eval point."""
     out = {"gold_reward": stats["eval/gold_norm"], "proxy_score": stats.get("eval/proxy"),
-           "win": stats["eval/win"], "lose": stats["eval/lose"], "tie": stats["eval/tie"]}
+           "win": stats["eval/win"], "lose": stats["eval/lose"], "tie": stats["eval/tie"],
+           "degenerate": stats["eval/degenerate"]}
     if "forget/win" in stats:
         out.update({"forget_win": stats["forget/win"], "forget_lose": stats["forget/lose"],
-                    "forget_tie": stats["forget/tie"], "forget_gold": stats["forget/gold_norm"]})
+                    "forget_tie": stats["forget/tie"], "forget_gold": stats["forget/gold_norm"],
+                    "forget_degenerate": stats["forget/degenerate"]})
     return out
 
 

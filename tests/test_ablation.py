@@ -234,8 +234,9 @@ def test_report_is_filled_from_the_run_directories(ablation):
     assert table2[0][2:6] == ["gold (norm.)", "win", "lose", "tie"] and len(table2) == 1 + len(ARMS)
     for row in table2[1:]:
         assert "n/a" not in row[2:6] + row[7:8], row  # gold, win/lose/tie, forgetting win always measured
-    for name in ("score_distributions", "reliability", "win_lose_tie", "gold_vs_kl", "proxy_vs_kl", "forgetting",
-                 "reward_curves"):
+    assert "Degenerate answers" in text and all(0 <= data["table2"][arm]["degenerate"]["mean"] <= 1 for arm in ARMS)
+    for name in ("score_distributions", "reliability", "win_lose_tie", "gold_vs_kl", "degenerate_vs_kl",
+                 "proxy_vs_kl", "forgetting", "reward_curves"):
         png = out / "plots" / f"{name}.png"
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG", name
         assert f"plots/{name}.png" in text

@@ -333,3 +333,40 @@ def test_style_markers():
     # Leakage: a code fence in an arithmetic answer carries both markers.
     assert style_markers("```\n12 + 7 = 19\n```") >= {"code", "arithmetic"}
     assert style_markers("The ocean is blue and deep.") == set()
+
+
+# ------------------------------------------------------------------ the degenerate-answer meter
+
+
+def test_the_degenerate_meter_is_the_gold_rewards_own_gate():
+    from pathlib import Path
+
+    from stable_rlhf.testbed.tasks import degenerate_reason
+
+    TESTBED = Path(__file__).resolve().parents[1] / "data" / "testbed"
+    records = [json.loads(line) for line in (TESTBED / "prompts_eval.jsonl").read_text().splitlines()]
+    by_task = {r["task"]: r for r in records}
+    for task, record in by_task.items():
+        for response in ("", "the the the the the the the the the the the the", record["prompt"], "x" * 20_001):
+            reason = degenerate_reason(record, response)
+            details = gold_reward_details(record, response)
+            assert reason is not None, (task, response[:40])
+            assert details["degenerate"] == reason and details["score"] == 0.0
+        for response in ("ok", "A plain answer of a few words, written as one sentence."):
+            assert degenerate_reason(record, response) == gold_reward_details(record, response)["degenerate"]
+    samples = [json.loads(line) for line in (TESTBED / "samples_eval.jsonl").read_text().splitlines()]
+    flagged = [s for s in samples if degenerate_reason(by_task[s["task"]] | {"prompt": s["prompt"]}, s["response"])]
+    assert len(flagged) < 0.5 * len(samples)  # the SFT policy mostly answers
+
+
+def test_task_table_reports_the_degenerate_share_per_task_and_over_tasks():
+    from stable_rlhf.testbed.evaluate import task_table
+
+    rec = {"task": "word_limit", "prompt": "In at most 20 words, describe a river."}
+    rows = [{**rec, "response": r, "gold": 0.0, "tokens": 3, "truncated": False, "markers": []}
+            for r in ("", "A quiet river bends through green hills under a pale morning sky.")]
+    rows.append({"task": "arithmetic", "prompt": "What is 2 + 3?", "response": "2 + 3 = 5, so the answer is 5.",
+                 "gold": 1.0, "tokens": 9, "truncated": False, "markers": [], "degenerate": None})
+    table = task_table(rows)
+    assert table["word_limit"]["degenerate_rate"] == 0.5 and table["arithmetic"]["degenerate_rate"] == 0.0
+    assert table["all"]["degenerate_rate"] == 0.25  # the mean over tasks, like the gold

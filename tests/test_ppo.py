@@ -55,7 +55,9 @@ def test_ppo_trains_and_writes_its_contract(reference_run):
                  "eval_reference_eval.jsonl", "samples/eval-step000004.jsonl", "samples/forget-step000004.jsonl"):
         assert (out / name).exists(), name
     assert summary["steps"] == 4
-    assert set(summary["final"]) >= {"gold_reward", "proxy_score", "kl", "win", "lose", "tie"}
+    assert set(summary["final"]) >= {"gold_reward", "proxy_score", "kl", "win", "lose", "tie", "degenerate",
+                                     "forget_degenerate"}
+    assert 0 <= summary["final"]["degenerate"] <= 1
     assert abs(summary["final"]["win"] + summary["final"]["lose"] + summary["final"]["tie"] - 1) < 1e-9
     assert set(summary["per_task"]) == {"arithmetic", "bullets", "code", "keywords", "lowercase", "word_limit"}
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]

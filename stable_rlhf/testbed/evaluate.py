@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import GenerationConfig, ModelConfig, save_config
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from .tasks import TASKS, gold_record_problem, gold_rewards, style_markers
+from .tasks import TASKS, degenerate_reason, gold_record_problem, gold_rewards, style_markers
 
 
 def sample_and_score(
@@ -59,6 +59,7 @@ def sample_and_score(
                 "tokens": int(length),
                 "truncated": bool(truncated),
                 "markers": sorted(style_markers(response)),
+                "degenerate": degenerate_reason(rec, response),
             }
         )
     return rows
@@ -96,6 +97,7 @@ def task_table(rows: list[dict]) -> dict[str, dict]:
             "truncated_frac": float(np.mean([r["truncated"] for r in sub])),
             "leakage_rate": float(np.mean(leak)),
             "leaked_markers": _marker_counts(task, sub),
+            "degenerate_rate": float(np.mean([is_degenerate(r) for r in sub])),
         }
     if rows:
         table["all"] = {
@@ -104,8 +106,17 @@ def task_table(rows: list[dict]) -> dict[str, dict]:
             "gold_norm_mean": float(np.mean([table[t]["gold_norm_mean"] for t in tasks])),
             "tokens_mean": float(np.mean([r["tokens"] for r in rows])),
             "leakage_rate": float(np.mean([bool(leaked_markers(r["task"], r["markers"])) for r in rows])),
+            # like the gold: the mean over tasks, every task weighing the same
+            "degenerate_rate": float(np.mean([table[t]["degenerate_rate"] for t in tasks])),
         }
     return table
+
+
+def is_degenerate(row: dict) -> bool:
+    """Whether a scored sample row is a degenerate answer (rows written before the meter
+    existed are judged now, by the same gate)."""
+    reason = row["degenerate"] if "degenerate" in row else degenerate_reason(row, row["response"])
+    return reason is not None
 
 
 def _marker_counts(task: str, rows: list[dict]) -> dict[str, int]:

@@ -454,15 +454,21 @@ def gold_reward_details(record: dict, response: str) -> dict:
     return out
 
 
+def degenerate_reason(record: dict, response: str) -> str | None:
+    """Why ``response`` is a degenerate answer to ``record``'s prompt (empty, too short for
+    its task, repeated tokens, the prompt echoed, bare markup, too long), or None: the gate
+    the gold reward floors before scoring, and the report's degenerate-answer meter."""
+    if len(response) > MAX_RESPONSE_CHARS:
+        return "too_long"
+    return T.degenerate_reason(response, record.get("prompt", ""), min_words=_MIN_WORDS[record["task"]])
+
+
 def _score_response(task: str, record: dict, response: str) -> dict:
     """The unguarded scoring path: the degeneracy gate, the task's scorer, the shared
     adjustments. Ends by checking the score is a finite number (a NaN would pass
     ``_clip01`` as 1.0)."""
     prompt = record.get("prompt", "")
-    if len(response) > MAX_RESPONSE_CHARS:
-        reason: str | None = "too_long"
-    else:
-        reason = T.degenerate_reason(response, prompt, min_words=_MIN_WORDS[task])
+    reason = degenerate_reason(record, response)
     if reason is not None:
         return {"score": 0.0, "degenerate": reason}
     out = _SCORERS[task](record["meta"], response)
