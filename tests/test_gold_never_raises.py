@@ -183,22 +183,17 @@ def test_bad_records_still_raise():
 
 def test_an_unusable_sandbox_stops_the_run(monkeypatch):
     # not a response's fault: flooring every code answer would train on a broken reward
-    class Unavailable(RuntimeError):
-        pass
-
-    monkeypatch.setattr(sandbox, "SandboxUnavailable", Unavailable, raising=False)
-
     def unavailable(*a, **k):
-        raise Unavailable("the code sandbox needs root")
+        raise sandbox.SandboxUnavailable("the code sandbox needs root")
 
     monkeypatch.setattr("stable_rlhf.testbed.tasks.run_python_tests", unavailable)
-    with pytest.raises(Unavailable):
+    with pytest.raises(sandbox.SandboxUnavailable, match="needs root"):
         gold_reward_details(RECORDS["code"], f"def {FUNC}(*a):\n    return 1")
 
 
 # ------------------------------------------------------- what sandbox.py must cope with
-# The committed run_python_tests (e01ca67) raised on these results (OverflowError in _same,
-# RecursionError in _collect's json.loads) instead of counting the test as failed.
+# run_python_tests once raised on these results (an OverflowError comparing 10**400, a
+# RecursionError decoding a 990-deep list) instead of counting the test as failed.
 
 
 def test_sandbox_counts_a_huge_int_result_as_a_failed_test():

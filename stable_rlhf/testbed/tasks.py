@@ -33,9 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import sandbox
 from . import text as T
-from .sandbox import run_python_tests
+from .sandbox import SandboxUnavailable, run_python_tests
 
 logger = logging.getLogger(__name__)
 
@@ -491,10 +490,8 @@ def _score_response(task: str, record: dict, response: str) -> dict:
 
 def _machinery_failure(err: Exception) -> bool:
     """A failure of the scoring machinery, not of one response: it must stop the run, not
-    floor every answer. (``sandbox.SandboxUnavailable``: where code cannot be isolated;
-    looked up at call time, as the sandbox hardening work adds it.)"""
-    unavailable = getattr(sandbox, "SandboxUnavailable", None)
-    return unavailable is not None and isinstance(err, unavailable)
+    floor every answer (``SandboxUnavailable``: where code cannot be isolated)."""
+    return isinstance(err, SandboxUnavailable)
 
 
 def _scorer_failure(task: str, response: str, err: Exception) -> dict:
