@@ -259,3 +259,26 @@ def test_two_gloo_processes_train_one_policy(tmp_path):
     assert (torch.cat([p.detach().flatten() for p in initial.parameters()]) - r0["params"]).abs().max() > 1e-4
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["iterations"] == 3 and summary["kept"] == sum(r0["kept"])
+
+
+@pytest.fixture(scope="module")
+def straight_cli_run(tmp_path_factory):
+    from tests.test_sft import run_stage
+
+    out = tmp_path_factory.mktemp("rs-cli") / "straight"
+    proc = run_stage("rejection-sampling", overrides(out, "iterations=2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+# iteration 2: killed after its fine-tuning, before its checkpoint; killed while writing it
+@pytest.mark.parametrize("fault", ["train:2", "checkpoint:2"])
+def test_sigkilled_run_resumes_to_the_same_result(straight_cli_run, tmp_path, fault):
+    from tests.test_sft import assert_killed_run_resumes_exactly
+
+    out = tmp_path / "killed"
+    assert_killed_run_resumes_exactly("rejection-sampling", overrides(out, "iterations=2"), straight_cli_run, out,
+                                      fault, resumes_from="step-000001")
+    assert read_jsonl(out / "kept" / "iter-0002.jsonl") == read_jsonl(straight_cli_run / "kept" / "iter-0002.jsonl")
+    straight, resumed = (json.loads((d / "summary.json").read_text()) for d in (straight_cli_run, out))
+    assert resumed["final"] == straight["final"] and resumed["kept"] == straight["kept"]

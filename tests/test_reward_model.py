@@ -176,6 +176,16 @@ def test_sigkilled_am_run_resumes_to_the_same_result(straight_am, small_data, tm
     assert read_jsonl(out / "scores_eval.jsonl") == read_jsonl(straight_am / "scores_eval.jsonl")
 
 
+def test_sigkilled_rm_run_resumes_to_the_same_result(small_data, tmp_path):
+    straight = tmp_path / "straight"
+    proc = run_stage("train-rm", overrides(small_data, straight, "epochs=2", "log_with=none"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "killed"
+    assert_killed_run_resumes_exactly("train-rm", overrides(small_data, out, "epochs=2", "log_with=none"),
+                                      straight, out, "train:3", resumes_from="step-000002")
+    assert read_jsonl(out / "scores_eval.jsonl") == read_jsonl(straight / "scores_eval.jsonl")
+
+
 def test_per_task_normalised_run(data, tmp_path):
     train(cfg_for(data, tmp_path / "rm", "epochs=1"))
     result = per_task_normalised_run(tmp_path / "rm", tmp_path / "rm-pertask")
