@@ -188,6 +188,7 @@ def train(cfg: RejectionSamplingConfig) -> dict:
     else:
         evals(state.policy_module, state.tokenizer, 0, {"iteration": 0})
 
+    bar = run.progress(cfg.iterations, state.iteration)
     while state.iteration < cfg.iterations:
         state.iteration += 1
         started, times = time.time(), {}
@@ -202,6 +203,7 @@ def train(cfg: RejectionSamplingConfig) -> dict:
         if evals.due(state.iteration, cfg.iterations):  # 6. eval and checkpoint
             evals(state.policy_module, state.tokenizer, state.iteration, {"iteration": state.iteration})
         run.checkpoint(state.iteration, state.state_dict())
+        bar.update(1)
         free_memory()
     return finish(run, cfg, state, evals)
 

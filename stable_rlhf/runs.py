@@ -172,7 +172,7 @@ class Run:
         from .rng import seed_everything
 
         _check_log_with(log_with)
-        self.started = time.time()
+        self.started, self.bars = time.time(), []
         self.cfg, self.name, self.log_with, self.keep, self.step_name = cfg, name, log_with, keep_checkpoints, step_name
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -262,16 +262,21 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def progress(self, total: int, initial: int = 0):
+        """A progress bar on the main process (closed by ``finish``)."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc=self.name, disable=not self.is_main)
+        bar = tqdm(total=total, initial=initial, desc=self.name, disable=not self.is_main)
+        self.bars.append(bar)
+        return bar
 
     def seconds(self) -> float:
         """Wall-clock seconds since the run was made."""
         return time.time() - self.started
 
     def finish(self, summary: dict) -> dict:
-        """summary.json (main process), trackers closed; returns the summary."""
+        """summary.json (main process), progress bars and trackers closed; returns the summary."""
+        for bar in self.bars:
+            bar.close()
         if self.is_main:
             atomic_write_json(self.out / "summary.json", summary)
         self.accelerator.end_training()
@@ -322,6 +327,7 @@ class TrainState:
         self.model, self.optimizer = run.accelerator.prepare(model, optimizer)
         self.guard = NonFiniteGuard(cfg.max_bad_steps)
         self.step, self.skipped = 0, 0
+        self.bar = None
         self.first: dict = {}  # the first step's metrics row (SFT reports its NLL against the last one's)
         self.last: dict = {}
 
@@ -354,6 +360,9 @@ class TrainState:
                      "skipped_updates": int(grad_norm is None)}
         self.first = self.first or self.last
         self.run.log(self.last)
+        if self.bar is None:  # made at the first step: a resumed run's bar starts where it stopped
+            self.bar = self.run.progress(self.total, self.step - 1)
+        self.bar.update(1)
         fault_point("train", self.step)
         if self.guard.end_step(grad_norm is None):
             self.run.checkpoint(self.step, self.state_dict())
