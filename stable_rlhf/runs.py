@@ -314,6 +314,11 @@ class TrainState:
     and latest step's metrics, and the stage's own stateful ``parts`` (the demonstration
     order, the AM's running task moments: anything with ``state_dict`` / ``load_state_dict``).
 
+    Each step's row has ``time/step``: wall seconds from the end of the previous update (or,
+    for an epoch's first step, from ``batches_left``, which the trainer calls once the last
+    epoch's evaluation and checkpoint are done) to the end of this optimiser step, so it
+    covers the step's batch encoding, forward, backward and optimiser step, and nothing else.
+
     ``cfg`` is the stage's config: its ``epochs``, ``batch_size``, ``warmup_ratio``,
     ``grad_clip`` and ``max_bad_steps`` are read; ``n_items`` is the training set's size."""
 
@@ -330,6 +335,7 @@ class TrainState:
         self.bar = None
         self.first: dict = {}  # the first step's metrics row (SFT reports its NLL against the last one's)
         self.last: dict = {}
+        self.step_started = time.time()  # where the next step's time/step is measured from
 
     @property
     def epoch(self) -> int:
@@ -342,7 +348,9 @@ class TrainState:
 
     def batches_left(self, epoch: int) -> range:
         """Indices within ``epoch`` of the minibatches still to train: all of them, or the
-        rest of an epoch a checkpoint was saved in the middle of."""
+        rest of an epoch a checkpoint was saved in the middle of. The epoch's first step is
+        timed from here."""
+        self.step_started = time.time()
         return range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch)
 
     def update(self, loss: torch.Tensor, stats: dict) -> None:
@@ -353,11 +361,12 @@ class TrainState:
         accelerator.backward(loss)
         grad_norm = clipped_step(accelerator, self.optimizer, self.model.parameters(), self.cfg.grad_clip, loss,
                                  self.scheduler)
+        seconds = time.time() - self.step_started
         self.step += 1
         self.skipped += grad_norm is None
         grad = {} if grad_norm is None else {"optim/grad_norm": grad_norm}  # a skipped update has none
         self.last = {"step": self.step, "epoch": epoch, **stats, **grad, "optim/lr": self.scheduler.get_last_lr()[0],
-                     "skipped_updates": int(grad_norm is None)}
+                     "skipped_updates": int(grad_norm is None), "time/step": seconds}
         self.first = self.first or self.last
         self.run.log(self.last)
         if self.bar is None:  # made at the first step: a resumed run's bar starts where it stopped
@@ -367,6 +376,7 @@ class TrainState:
         if self.guard.end_step(grad_norm is None):
             self.run.checkpoint(self.step, self.state_dict())
             raise self.guard.error(self.step, self.run.out, "losses or gradient norms")
+        self.step_started = time.time()
 
     def state_dict(self) -> dict:
         return {"model": trainable_state(self.unwrapped), "optimizer": self.optimizer.state_dict(),
