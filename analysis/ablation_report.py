@@ -141,8 +141,9 @@ def task_table(index: dict, prefix: str, digits: int = 3) -> tuple[list[str], li
     overall = prefix if prefix in ("eval/leakage", "eval/degenerate") else "eval/gold_norm"
     rows = []
     if ref_row is not None:
-        rows.append(["SFT reference answers"] + [f"{ref_row.get(f'{prefix}/{t}', float('nan')):.{digits}f}"
-                                                for t in tasks] + [f"{ref_row[overall]:.{digits}f}"])
+        # a run made before a metric existed lacks it: "n/a", not a crash
+        rows.append(["SFT reference answers"] + [fmt([ref_row.get(f"{prefix}/{t}")], digits) for t in tasks]
+                    + [fmt([ref_row.get(overall)], digits)])
     for name, ms in finals.items():
         rows.append([index["arms"][name]["label"]] + [fmt([m.get(f"{prefix}/{t}") for m in ms], digits) for t in tasks]
                     + [fmt([m.get(overall) for m in ms], digits)])

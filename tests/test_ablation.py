@@ -279,3 +279,16 @@ def test_strict_json_nulls_non_finite_values_and_says_why():
     assert out == {"a": {"mean": None, "std": None}, "b": [1.0, None, 3]}
     assert set(undefined) == {"a.mean", "b[1]"} and undefined["b[1]"] == "infinite"
     json.dumps(out, allow_nan=False)
+
+
+def test_report_tables_read_runs_made_before_a_metric_existed():
+    from analysis.ablation_report import task_table
+
+    old = [{"step": 0, "eval/gold_norm": 0.4, "eval/gold/code": 1.0}, {"step": 8, "eval/gold_norm": 0.5,
+                                                                          "eval/gold/code": 2.0}]
+    new = [{**r, "eval/degenerate": 0.1 * i, "eval/degenerate/code": 0.1 * i} for i, r in enumerate(old)]
+    index = {"arms": {"old": {"label": "Old", "kind": "ppo", "seeds": {0: {"metrics": old}}},
+                      "new": {"label": "New", "kind": "ppo", "seeds": {0: {"metrics": new}}}}}
+    head, rows = task_table(index, "eval/degenerate")
+    assert head == ["arm", "code", "all"]
+    assert rows == [["SFT reference answers", "n/a", "n/a"], ["Old", "n/a", "n/a"], ["New", "0.100", "0.100"]]
