@@ -373,7 +373,8 @@ def train(cfg: PPOConfig) -> dict:
             continue
         forward(run, cfg, state, rollout)  # 3. logprobs, ref_logprobs, values (no grad)
         gae_advantages(cfg, rollout, state.kl_ctl.value)  # 4. rewards -> advantages, returns
-        update_stats, skipped = update(run, cfg, state, rollout)  # 5. PPO epochs of minibatches
+        with timed(rollout.times, "time/update"):  # 5. PPO epochs of minibatches
+            update_stats, skipped = update(run, cfg, state, rollout)
         state.step += 1
         fault_point("train", state.step)
         stats, stop = log_step(run, cfg, state, rollout, update_stats, skipped)  # 6. KL controller, stats

@@ -64,7 +64,8 @@ def test_ppo_trains_and_writes_its_contract(reference_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("objective/score", "objective/kl", "objective/non_score_reward", "loss/policy", "loss/value",
                 "policy/approx_kl", "policy/clipfrac", "policy/entropy", "policy/ratio_max",
-                "value/explained_variance", "time/generate"):
+                "value/explained_variance", "time/generate", "time/score", "time/forward", "time/update",
+                "time/step"):
         assert key in rows[0], key
     # the first rollout comes from the reference policy itself: KL exactly 0, ratio 1 at the first minibatch
     assert rows[0]["objective/kl"] == 0.0
