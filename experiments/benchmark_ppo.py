@@ -47,11 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per rollout (batch_size)")
     parser.add_argument("--mini-batch-size", type=int, default=4, help="rollout rows per optimiser step")
     parser.add_argument("--new-tokens", type=int, default=32, help="generation.max_new_tokens")
-    parser.add_argument("--steps", type=int, default=3, help="measured PPO steps")
-    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
     parser.add_argument("--lora", action="store_true", help="LoRA policy (reference = adapters disabled)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other PPOConfig override (repeatable), e.g. precision=bf16-mixed")
+    return parse_run_flags(parser, argv, 3, "any other PPOConfig override (repeatable), e.g. precision=bf16-mixed")
+
+
+def parse_run_flags(parser: argparse.ArgumentParser, argv: list[str] | None, steps: int, set_help: str):
+    """The flags every trainer benchmark shares (steps, warm-up, overrides, where to keep the
+    run and the figures), then the parsed arguments."""
+    parser.add_argument("--steps", type=int, default=steps, help="measured optimiser steps")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     parser.add_argument("--out-dir", default=None, help="keep the run here (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)

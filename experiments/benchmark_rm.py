@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 
-from experiments.benchmark_ppo import ROOT, measured_rows, peak_memory, print_phases, spread, world_size, write_json
+from experiments.benchmark_ppo import (
+    ROOT,
+    measured_rows,
+    parse_run_flags,
+    peak_memory,
+    print_phases,
+    spread,
+    world_size,
+    write_json,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,16 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="holds preferences_train.jsonl and preferences_eval.jsonl")
     parser.add_argument("--batch-size", type=int, default=8, help="comparisons per optimiser step")
     parser.add_argument("--max-length", type=int, default=384, help="tokens per (prompt, response)")
-    parser.add_argument("--steps", type=int, default=5, help="measured optimiser steps")
-    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not counted")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other ScoreTrainConfig override (repeatable), e.g. train_layers=4")
-    parser.add_argument("--out-dir", default=None, help="keep the run here (default: a temporary directory)")
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    return parse_run_flags(parser, argv, 5, "any other ScoreTrainConfig override (repeatable), e.g. train_layers=4")
 
 
 def draw(path: Path, n: int, seed: int = 0) -> list[dict]:
