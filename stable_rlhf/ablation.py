@@ -152,6 +152,11 @@ class AblationConfig:
 # --------------------------------------------------------------------------- plan
 
 
+# Settings that change how a run goes, not what it computes: a finished stage made with other
+# values of these is still the same result.
+NOT_RESULTS = ("resume", "keep_final_checkpoint", "log_with")
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One step of the ablation: what runs, with which config, on whose outputs, and where it writes."""
@@ -169,7 +174,7 @@ class Stage:
     """the stages whose outputs it reads"""
     done: tuple[str, ...] = ()
     """files under ``out`` that are all there once it has finished (none: it runs every time)"""
-    unread: tuple[str, ...] = ("resume",)
+    unread: tuple[str, ...] = NOT_RESULTS
     """config keys it does not read: a finished stage made with other values of these is still valid"""
 
 
@@ -217,7 +222,7 @@ def needs(arms: dict[str, ArmConfig], am_from_rm: bool) -> dict[str, bool]:
     return {"rm": rm, "am": am, "select": bool(strategies)}
 
 
-def config_drift(saved: dict, planned: dict, prefix: str = "", ignore: tuple[str, ...] = ("resume",)) -> list[str]:
+def config_drift(saved: dict, planned: dict, prefix: str = "", ignore: tuple[str, ...] = NOT_RESULTS) -> list[str]:
     """Dotted keys whose values differ between a saved config and the planned one."""
     keys = []
     for key in sorted(set(saved) | set(planned)):
@@ -271,7 +276,7 @@ def score_stage(cfg: AblationConfig, objective: str) -> Stage:
     if objective == "am" and cfg.am_from_rm:
         data["init_from"] = model_path(cfg, "rm")
         inputs = ("shared/rm",)
-    unread = ("resume", "am") if objective == "rm" else ("resume",)  # the RM does not read the AM's loss terms
+    unread = (*NOT_RESULTS, "am") if objective == "rm" else NOT_RESULTS  # the RM does not read the AM's loss terms
     return Stage(name, "score", out, build_config(ScoreTrainConfig, data, "score."), inputs, ("summary.json",),
                  unread)
 

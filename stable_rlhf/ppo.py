@@ -190,8 +190,9 @@ class PPOConfig(PolicyTrainerConfig):
     """evaluation during training"""
     save_every: int = 10
     """checkpoint every N steps (and at the end)"""
-    keep_checkpoints: int = 2
-    """checkpoints kept on disk"""
+    keep_checkpoints: int = 1
+    """checkpoints kept on disk while the run goes (the newest; each is written whole before an
+    older one goes)"""
     max_bad_steps: int = 3
     """stop after this many consecutive steps skipped for a non-finite score or loss"""
     log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"

@@ -131,6 +131,10 @@ class ScoreTrainConfig:
     the per-task moment terms see each task in each batch; False: a plain shuffle"""
     max_bad_steps: int = 3
     """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
+    keep_final_checkpoint: bool = False
+    """keep the last checkpoint (optimiser, value model, RNG) once the run has finished, so that a
+    later resume=true can extend it; off: a finished run keeps its final model, metrics and
+    summary, and checkpoints/ goes (a full fine-tuned PPO run's is gigabytes)"""
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
     auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""

@@ -4,7 +4,8 @@ A ``Run`` owns one run directory::
 
     out_dir/config.yaml             the resolved config
     out_dir/metrics.jsonl           one row per step / eval point (also TensorBoard / wandb)
-    out_dir/checkpoints/step-N/     atomic checkpoints, every rank's RNG state, newest kept
+    out_dir/checkpoints/step-N/     atomic checkpoints, every rank's RNG state, newest kept;
+                                    gone once the run finishes (keep_final_checkpoint keeps it)
     out_dir/summary.json            written last, atomically
 
 and the life of a run: ``start`` (fresh: clear what an earlier run left; resume: the latest
@@ -161,10 +162,11 @@ class NonFiniteGuard:
 class Run:
     """One run directory and its accelerator (see the module docstring).
 
-    ``cfg`` is the stage's config: it needs ``out_dir`` and ``seed``; ``log_with`` is
-    'tensorboard', 'wandb' (when installed) or 'none'. ``fresh_files`` / ``fresh_dirs`` are
-    what else a fresh run must clear (samples, kept sets, a final model); ``step_name`` is
-    what a step is called in messages (rejection sampling's are iterations)."""
+    ``cfg`` is the stage's config: it needs ``out_dir``, ``seed``, ``precision`` and
+    ``keep_final_checkpoint``; ``log_with`` is 'tensorboard', 'wandb' (when installed) or
+    'none'. ``fresh_files`` / ``fresh_dirs`` are what else a fresh run must clear (samples,
+    kept sets, a final model); ``step_name`` is what a step is called in messages
+    (rejection sampling's are iterations)."""
 
     def __init__(self, cfg, name: str, *, log_with: str = "none", keep_checkpoints: int = 1,
                  fresh_files: tuple[str, ...] = (), fresh_dirs: tuple[str, ...] = (), step_name: str = "step"):
@@ -197,6 +199,12 @@ class Run:
         from .rng import set_rng_state
 
         ckpt = latest_checkpoint(self.out) if resume else None
+        if resume and ckpt is None and (self.out / "summary.json").exists():
+            from .config import ConfigError
+
+            raise ConfigError(f"{self.out}: this run finished and dropped its checkpoints "
+                              "(keep_final_checkpoint=false), so there is nothing to resume; use another out_dir, "
+                              "or resume=false to run it again from the start")
         if self.is_main:
             if ckpt is None:
                 self._clear()
@@ -279,6 +287,8 @@ class Run:
             bar.close()
         if self.is_main:
             atomic_write_json(self.out / "summary.json", summary)
+            if not self.cfg.keep_final_checkpoint:  # the final model, metrics and summary are the result
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         self.accelerator.end_training()
         return summary
 

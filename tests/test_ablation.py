@@ -292,3 +292,11 @@ def test_report_tables_read_runs_made_before_a_metric_existed():
     head, rows = task_table(index, "eval/degenerate")
     assert head == ["arm", "code", "all"]
     assert rows == [["SFT reference answers", "n/a", "n/a"], ["Old", "n/a", "n/a"], ["New", "0.100", "0.100"]]
+
+
+def test_finished_stages_keep_their_results_but_not_their_checkpoints(ablation):
+    cfg, out = ablation
+    runs = [d for d in (out / "arms").glob("*/seed*")] + [out / "shared" / "rm", out / "shared" / "am"]
+    assert len(runs) >= 2 * len(ARMS)
+    for run_dir in runs:
+        assert (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists(), run_dir

@@ -29,7 +29,8 @@ def overrides(out, *extra) -> list[str]:
         f"eval.prompts={TESTBED / 'prompts_eval.jsonl'}", f"eval.forget_prompts={TESTBED / 'prompts_forget.jsonl'}",
         "eval.limit_per_task=1", "eval.every=2", "eval.generation.max_new_tokens=10",
         "generation.max_new_tokens=10", "steps=4", "batch_size=8", "mini_batch_size=4", "save_every=2",
-        "lr=1e-3", "value_lr=1e-3", "log_with=none", "reward.workers=1", *extra,
+        "lr=1e-3", "value_lr=1e-3", "log_with=none", "reward.workers=1",
+        "keep_final_checkpoint=true", *extra,
     ]
 
 
@@ -85,7 +86,7 @@ def test_critic_warmup_updates_only_the_value_model(tmp_path):
     from stable_rlhf.models import load_policy
 
     out = tmp_path / "warm"
-    run(out, "steps=2", "critic_warmup=1", "save_every=1", "eval.every=1",
+    run(out, "steps=2", "critic_warmup=1", "save_every=1", "keep_checkpoints=2", "eval.every=1",
         "rehearsal.data=" + str(TESTBED / "sft_demos.jsonl"), "rehearsal.coef=1.0")
     first = torch.load(out / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
     init, _ = load_policy(ModelConfig(name_or_path="tiny-random"), device="cpu")

@@ -24,7 +24,8 @@ def overrides(out, *extra) -> list[str]:
         f"eval.prompts={TESTBED / 'prompts_eval.jsonl'}", "eval.forget_prompts=null", "eval.limit_per_task=1",
         "eval.generation.max_new_tokens=8", "generation.max_new_tokens=10", "iterations=3",
         "prompts_per_iteration=6", "n=3", "batch_size=4", "lr=1e-3", "drop_truncated=false", "log_with=none",
-        "reward.workers=1", *extra,
+        "reward.workers=1",
+        "keep_final_checkpoint=true", *extra,
     ]
 
 

@@ -83,7 +83,7 @@ def test_per_task_normalisation_gives_zero_mean_unit_std():
 
 
 def test_train_rm_learns_and_writes_its_contract(data, tmp_path):
-    cfg = cfg_for(data, tmp_path / "rm", "epochs=4", "log_with=tensorboard")
+    cfg = cfg_for(data, tmp_path / "rm", "epochs=4", "log_with=tensorboard", "keep_final_checkpoint=true")
     summary = train(cfg)
     assert summary["steps"] == 24 and summary["skipped_updates"] == 0
     assert latest_checkpoint(tmp_path / "rm").name == "step-000024"  # one per epoch, the newest kept

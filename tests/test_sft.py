@@ -180,7 +180,7 @@ def demo_nll(model, tokenizer, path) -> float:
 
 def test_sft_trains_writes_its_outputs_and_a_finished_run_resumes_to_itself(demos_file, tmp_path, tiny_model_cfg):
     out = tmp_path / "run"
-    summary = train(cfg_for(demos_file, out, "epochs=3", "log_with=tensorboard"))
+    summary = train(cfg_for(demos_file, out, "epochs=3", "log_with=tensorboard", "keep_final_checkpoint=true"))
     assert summary["steps"] == 12 and summary["demos"] == 16 and summary["skipped_updates"] == 0
     for name in ("summary.json", "config.yaml", "metrics.jsonl", "model/config.json"):
         assert (out / name).exists(), name
@@ -204,10 +204,25 @@ def test_sft_trains_writes_its_outputs_and_a_finished_run_resumes_to_itself(demo
 
     # resuming a finished run trains nothing more and keeps its result
     weights = saved_weights(out / "model")
-    again = train(cfg_for(demos_file, out, "epochs=3", "resume=true"))
+    again = train(cfg_for(demos_file, out, "epochs=3", "resume=true", "keep_final_checkpoint=true"))
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in summary.items() if k != "seconds"}
     assert read_jsonl(out / "metrics.jsonl") == metrics
     assert saved_weights(out / "model") == weights
+
+
+def test_a_finished_run_drops_its_checkpoints_unless_asked_and_refuses_to_resume_without_them(demos_file, tmp_path):
+    from stable_rlhf.config import ConfigError
+
+    out = tmp_path / "run"
+    summary = train(cfg_for(demos_file, out, "epochs=2"))
+    assert not (out / "checkpoints").exists()  # optimiser and RNG states are gone ...
+    # ... the result stays
+    assert (out / "model" / "config.json").exists() and len(read_jsonl(out / "metrics.jsonl")) == 8
+    with pytest.raises(ConfigError, match="finished and dropped its checkpoints"):
+        train(cfg_for(demos_file, out, "epochs=2", "resume=true"))
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"]  # untouched by the refusal
+    again = train(cfg_for(demos_file, out, "epochs=2"))  # resume=false: run again from the start
+    assert again["nll_last"] == pytest.approx(summary["nll_last"], abs=1e-6)
 
 
 def test_a_nonfinite_loss_skips_its_update(demos_file, tmp_path, monkeypatch):
@@ -219,7 +234,7 @@ def test_a_nonfinite_loss_skips_its_update(demos_file, tmp_path, monkeypatch):
         return (loss * float("nan"), stats) if calls["n"] == 2 else (loss, stats)
 
     monkeypatch.setattr(sft, "sequence_nll", nan_on_the_second_step)
-    summary = train(cfg_for(demos_file, tmp_path / "nan", "epochs=1"))
+    summary = train(cfg_for(demos_file, tmp_path / "nan", "epochs=1", "keep_final_checkpoint=true"))
     rows = read_jsonl(tmp_path / "nan" / "metrics.jsonl")
     assert [r["skipped_updates"] for r in rows] == [0, 1, 0, 0] and summary["skipped_updates"] == 1
     assert "optim/grad_norm" not in rows[1] and math.isfinite(rows[2]["optim/grad_norm"])
