@@ -2,9 +2,11 @@
 
     stable-rlhf <stage> [--config FILE.yaml] [key=value ...]
     stable-rlhf <stage> --help        # every config field with its type, default and help
+    stable-rlhf <group> <command> [--flag ...]   # tools with flags of their own (testbed red-team)
 
 Stage modules are imported lazily (torch is slow to import) from the registry below:
-name -> (module, config class, run function, one-line description).
+name -> (module, config class, run function, one-line description). Command groups
+(``GROUPS``) map a command to a module's ``main(argv) -> exit code``, which parses its own flags.
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
     ),
 }
 
+# Commands that are tools, not config-driven stages: group -> command -> (module, function,
+# one-line description); the function takes the remaining arguments and returns the exit code.
+GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "testbed": {
+        "red-team": (
+            "stable_rlhf.testbed.adversarial",
+            "main",
+            "score families of gamed answers with the gold reward; exit 1 if one beats the SFT answers",
+        ),
+    },
+}
+
 
 # Overrides a stage applies before the user's (train-am is the score trainer with objective=am).
 PRESETS: dict[str, list[str]] = {"train-rm": ["objective=rm"], "train-am": ["objective=am"]}
@@ -90,13 +104,38 @@ def _resolve(stage: str) -> tuple[type, Callable]:
 
 
 def _usage() -> str:
-    lines = ["usage: stable-rlhf <stage> [--config FILE.yaml] [key=value ...]", "", "stages:"]
-    width = max(len(s) for s in STAGES)
+    lines = ["usage: stable-rlhf <stage> [--config FILE.yaml] [key=value ...]",
+             "       stable-rlhf <group> <command> [--flag ...]", "", "stages:"]
+    commands = [f"{group} {command}" for group, cmds in GROUPS.items() for command in cmds]
+    width = max(len(s) for s in [*STAGES, *commands])
     for name, (*_, desc) in STAGES.items():
         lines.append(f"  {name:<{width}}  {desc}")
+    lines += ["", "commands:"]
+    for group, cmds in GROUPS.items():
+        for command, (*_, desc) in cmds.items():
+            lines.append(f"  {group + ' ' + command:<{width}}  {desc}")
     lines.append("")
-    lines.append("`stable-rlhf <stage> --help` lists the stage's config fields.")
+    lines.append("`stable-rlhf <stage> --help` lists the stage's config fields; "
+                 "`stable-rlhf <group> <command> --help` a command's flags.")
     return "\n".join(lines)
+
+
+def _group_usage(group: str) -> str:
+    lines = [f"usage: stable-rlhf {group} <command> [--flag ...]", "", "commands:"]
+    lines += [f"  {command}  {desc}" for command, (*_, desc) in GROUPS[group].items()]
+    return "\n".join(lines)
+
+
+def run_group(group: str, argv: list[str]) -> int:
+    """``stable-rlhf <group> <command> ...``: the command's own ``main`` parses the rest."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_group_usage(group))
+        return 0
+    if argv[0] not in GROUPS[group]:
+        print(f"error: unknown {group} command {argv[0]!r}\n\n{_group_usage(group)}", file=sys.stderr)
+        return 2
+    module_name, fn_name, _ = GROUPS[group][argv[0]]
+    return int(getattr(importlib.import_module(module_name), fn_name)(argv[1:]))
 
 
 def _stage_help(stage: str, cfg_cls: type) -> str:
@@ -137,6 +176,8 @@ def parse_args(argv: list[str]) -> tuple[str, str | None, list[str], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in GROUPS:
+        return run_group(argv[0], argv[1:])
     try:
         stage, config_path, overrides, want_help = parse_args(argv)
     except ConfigError as e:
