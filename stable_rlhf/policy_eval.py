@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,12 +26,14 @@ import torch
 from .config import GenerationConfig, ModelConfig
 from .io import atomic_write_jsonl, read_jsonl
 from .rewards import RewardConfig
+from .runs import RunSettings
 
 
 @dataclasses.dataclass
-class PolicyTrainerConfig:
+class PolicyTrainerConfig(RunSettings):
     """What every policy trainer (``ppo``, ``rejection-sampling``) starts from: prompts, the
-    initial policy and a score. Its fields come first in each trainer's config."""
+    initial policy and a score. Its fields come first in each trainer's config, after the
+    ``RunSettings`` it extends."""
 
     prompts: str = "data/testbed/prompts_train.jsonl"
     """prompt records to train on (for the gold reward they need the testbed's task and meta)"""
@@ -40,13 +42,6 @@ class PolicyTrainerConfig:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """the score: PPO optimises it (RM scores with running normalisation); rejection sampling keeps
     each prompt's best sample by it, used raw"""
-    keep_final_checkpoint: bool = False
-    """keep the last checkpoint (optimiser, value model, RNG) once the run has finished, so that a
-    later resume=true can extend it; off: a finished run keeps its final model, metrics and
-    summary, and checkpoints/ goes (a full fine-tuned PPO run's is gigabytes)"""
-    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
-    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
-    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
 
 
 @dataclasses.dataclass

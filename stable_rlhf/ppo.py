@@ -62,6 +62,7 @@ from .policy_eval import EvalConfig, PolicyTrainerConfig, TrainingEval
 from .rewards import build_reward, check_reward_inputs
 from .runs import NonFiniteError  # noqa: F401  (ppo.NonFiniteError: what a stopped run raises)
 from .runs import (
+    GuardedRunSettings,
     NonFiniteGuard,
     Run,
     all_finite,
@@ -107,9 +108,10 @@ class NLLMixConfig:
 
 
 @dataclasses.dataclass
-class PPOConfig(PolicyTrainerConfig):
+class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     """``stable-rlhf ppo``: PPO with a KL penalty against the initial policy (``prompts``,
-    ``model`` and ``reward`` come from ``PolicyTrainerConfig``)."""
+    ``model`` and ``reward`` come from ``PolicyTrainerConfig``, the run settings from
+    ``GuardedRunSettings``)."""
 
     out_dir: str = "runs/ppo"
     """run directory"""
@@ -193,14 +195,9 @@ class PPOConfig(PolicyTrainerConfig):
     keep_checkpoints: int = 1
     """checkpoints kept on disk while the run goes (the newest; each is written whole before an
     older one goes)"""
-    max_bad_steps: int = 3
-    """stop after this many consecutive steps skipped for a non-finite score or loss"""
-    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
-    resume: bool = False
-    """continue from the latest checkpoint in out_dir/checkpoints"""
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.critic_warmup < self.steps:
             raise ValueError(f"critic_warmup ({self.critic_warmup}) must be in [0, steps)")
         if min(self.steps, self.batch_size, self.mini_batch_size, self.ppo_epochs, self.forward_batch_size) < 1:
@@ -214,8 +211,8 @@ class PPOConfig(PolicyTrainerConfig):
             raise ValueError("kl_coef must be >= 0 and the clip ranges > 0")
         if self.generation.temperature <= 0:
             raise ValueError("PPO samples its rollouts: generation.temperature must be > 0")
-        if self.save_every < 1 or self.keep_checkpoints < 1 or self.max_bad_steps < 1:
-            raise ValueError("save_every, keep_checkpoints and max_bad_steps must be >= 1")
+        if self.save_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("save_every and keep_checkpoints must be >= 1")
 
 
 def nll_mixes(cfg: PPOConfig) -> dict[str, NLLMixConfig]:

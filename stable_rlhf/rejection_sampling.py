@@ -26,7 +26,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -43,7 +43,8 @@ from .sft import DemoBatches, encode_demos, sequence_nll
 @dataclasses.dataclass
 class RejectionSamplingConfig(PolicyTrainerConfig):
     """``stable-rlhf rejection-sampling``: iterated best-of-n sampling + NLL fine-tuning
-    (``prompts``, ``model`` and ``reward`` come from ``PolicyTrainerConfig``)."""
+    (``prompts``, ``model`` and ``reward`` come from ``PolicyTrainerConfig``, the run settings
+    from the ``RunSettings`` it extends)."""
 
     out_dir: str = "runs/rejection-sampling"
     """run directory; the final policy is saved in out_dir/model"""
@@ -75,10 +76,6 @@ class RejectionSamplingConfig(PolicyTrainerConfig):
     """evaluation before the first iteration and every eval.every iterations (and after the last)"""
     keep_checkpoints: int = 1
     """checkpoints kept on disk (one is written after every iteration)"""
-    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
-    resume: bool = False
-    """continue after the last finished iteration (the latest checkpoint in out_dir/checkpoints)"""
 
     def __post_init__(self):
         if min(self.iterations, self.prompts_per_iteration, self.n, self.epochs, self.batch_size) < 1:

@@ -42,7 +42,7 @@ from .losses import (
     task_moment_loss,
 )
 from .data import ranks_of
-from .runs import Run, TrainState
+from .runs import GuardedRunSettings, Run, TrainState
 from .scoring import encode, normalise_per_task, per_task_stats, score_texts
 
 
@@ -82,8 +82,9 @@ class AMLossConfig:
 
 
 @dataclasses.dataclass
-class ScoreTrainConfig:
-    """``stable-rlhf train-rm`` / ``train-am``: a score model on K-ranked comparisons."""
+class ScoreTrainConfig(GuardedRunSettings):
+    """``stable-rlhf train-rm`` / ``train-am``: a score model on K-ranked comparisons (the run
+    settings come from ``GuardedRunSettings``)."""
 
     objective: Literal["rm", "am"] = "rm"
     """rm: ranking loss only; am: ranking loss plus the advantage-model terms"""
@@ -129,27 +130,15 @@ class ScoreTrainConfig:
     stratify: bool = True
     """deal every task into every minibatch in turn (round-robin over shuffled per-task lists), so
     the per-task moment terms see each task in each batch; False: a plain shuffle"""
-    max_bad_steps: int = 3
-    """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
-    keep_final_checkpoint: bool = False
-    """keep the last checkpoint (optimiser, value model, RNG) once the run has finished, so that a
-    later resume=true can extend it; off: a finished run keeps its final model, metrics and
-    summary, and checkpoints/ goes (a full fine-tuned PPO run's is gigabytes)"""
-    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
-    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
-    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
-    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
-    resume: bool = False
-    """continue from the latest checkpoint in out_dir/checkpoints (one is saved after every epoch)"""
     am: AMLossConfig = dataclasses.field(default_factory=AMLossConfig)
     """advantage-model terms (objective=am)"""
 
     def __post_init__(self):
         if not self.out_dir:
             self.out_dir = f"runs/{self.objective}"
-        if self.epochs < 1 or self.batch_size < 1 or self.max_bad_steps < 1:
-            raise ValueError("epochs, batch_size and max_bad_steps must be >= 1")
+        super().__post_init__()
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError("learning rates must be > 0")
         if not 0 <= self.warmup_ratio < 1:

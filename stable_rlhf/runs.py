@@ -10,28 +10,66 @@ A ``Run`` owns one run directory::
 
 and the life of a run: ``start`` (fresh: clear what an earlier run left; resume: the latest
 complete checkpoint, with the metrics logged after it dropped), ``log``, ``checkpoint``,
-``finish``. ``NonFiniteGuard`` and ``clipped_step`` are the one non-finite policy: an
-update whose loss or gradient norm is not finite on any rank is skipped and counted, and
-too many bad steps in a row stop the run. ``TrainState`` is the epoch trainer's state
-(``sft``, ``train-rm`` / ``train-am``): model, optimiser, scheduler, step and one guarded
-update per step. ``fault_point`` SIGKILLs the process where a resume test asks it to."""
+``finish``. ``RunSettings`` (and ``GuardedRunSettings``) are this layer's settings, which
+every trainer's config extends. ``NonFiniteGuard`` and ``clipped_step`` are the one
+non-finite policy: an update whose loss or gradient norm is not finite on any rank is
+skipped and counted, and too many bad steps in a row stop the run. ``TrainState`` is the
+epoch trainer's state (``sft``, ``train-rm`` / ``train-am``): model, optimiser, scheduler,
+step and one guarded update per step. ``fault_point`` SIGKILLs the process where a resume test asks it to."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import time
+import typing
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_jsonl, read_jsonl
 
-LOG_WITH = ("tensorboard", "wandb", "none")
+LogWith = Literal["tensorboard", "wandb", "none"]
+LOG_WITH = typing.get_args(LogWith)
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """How a run goes, read by ``Run``: every trainer's config extends it, so these fields
+    come first in each."""
+
+    keep_final_checkpoint: bool = False
+    """keep the last checkpoint (optimiser state, RNG and any value model) once the run has
+    finished, so that a later resume=true can extend it; off: a finished run keeps its final
+    model, metrics and summary, and checkpoints/ goes (a full fine-tuned PPO run's is gigabytes)"""
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
+    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
+    log_with: LogWith = "tensorboard"
+    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
+    resume: bool = False
+    """continue from the latest checkpoint in out_dir/checkpoints (sft and train-rm/am save one
+    after every epoch, ppo every save_every steps, rejection-sampling after every iteration)"""
+
+
+@dataclasses.dataclass
+class GuardedRunSettings(RunSettings):
+    """``RunSettings`` of a trainer whose ``NonFiniteGuard`` stops the run (``sft``,
+    ``train-rm`` / ``train-am``, ``ppo``). A subclass's ``__post_init__`` calls this one's."""
+
+    max_bad_steps: int = 3
+    """stop (after a checkpoint) once this many consecutive steps were skipped for a non-finite
+    score, loss or gradient"""
+
+    def __post_init__(self):
+        if self.max_bad_steps < 1:
+            raise ValueError("max_bad_steps must be >= 1")
 
 
 def trainable_state(module) -> dict:
@@ -162,9 +200,9 @@ class NonFiniteGuard:
 class Run:
     """One run directory and its accelerator (see the module docstring).
 
-    ``cfg`` is the stage's config: it needs ``out_dir``, ``seed``, ``precision`` and
-    ``keep_final_checkpoint``; ``log_with`` is 'tensorboard', 'wandb' (when installed) or
-    'none'. ``fresh_files`` / ``fresh_dirs`` are what else a fresh run must clear (samples,
+    ``cfg`` is the stage's config: it needs ``out_dir``, ``seed`` and the ``RunSettings``
+    ``precision`` and ``keep_final_checkpoint``; ``log_with`` is 'tensorboard', 'wandb' (when
+    installed) or 'none'. ``fresh_files`` / ``fresh_dirs`` are what else a fresh run must clear (samples,
     kept sets, a final model); ``step_name`` is what a step is called in messages
     (rejection sampling's are iterations)."""
 

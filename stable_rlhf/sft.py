@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .config import ModelConfig
 from .losses import nll_loss
 from .models import chat_prompt, position_ids_from_mask
-from .runs import Run, TrainState, save_policy
+from .runs import GuardedRunSettings, Run, TrainState, save_policy
 
 
 def encode_demos(
@@ -123,8 +123,9 @@ class DemoBatches:
 
 
 @dataclasses.dataclass
-class SFTConfig:
-    """``stable-rlhf sft``: NLL fine-tuning of a causal LM on demonstrations."""
+class SFTConfig(GuardedRunSettings):
+    """``stable-rlhf sft``: NLL fine-tuning of a causal LM on demonstrations (the run settings
+    come from ``GuardedRunSettings``)."""
 
     data: str = "data/testbed/sft_demos.jsonl"
     """demonstrations ({prompt, response} records; a data spec: path.jsonl, hf:name, ...)"""
@@ -148,23 +149,11 @@ class SFTConfig:
     """tokens per demonstration (prompt cut from the left first)"""
     system_prompt: Optional[str] = None
     """system message in the chat template (use the one the policy will be sampled with)"""
-    max_bad_steps: int = 3
-    """stop (after a checkpoint) once this many consecutive updates were skipped for a non-finite loss or gradient"""
-    keep_final_checkpoint: bool = False
-    """keep the last checkpoint (optimiser, value model, RNG) once the run has finished, so that a
-    later resume=true can extend it; off: a finished run keeps its final model, metrics and
-    summary, and checkpoints/ goes (a full fine-tuned PPO run's is gigabytes)"""
-    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
-    """fp32, or bf16-mixed (fp32 master weights and optimiser state, bf16 autocast compute);
-    auto: bf16-mixed on a GPU with bf16 support, fp32 elsewhere"""
-    log_with: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    """where metrics go besides out_dir/metrics.jsonl: TensorBoard event files in out_dir/tensorboard, wandb, or nowhere"""
-    resume: bool = False
-    """continue from the latest checkpoint in out_dir/checkpoints (one is saved after every epoch)"""
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.max_bad_steps < 1:
-            raise ValueError("epochs, batch_size and max_bad_steps must be >= 1")
+        super().__post_init__()
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
 
