@@ -247,16 +247,35 @@ def pair_to_ranked(pair: dict) -> dict:
 # --------------------------------------------------------------------------- JSONL files
 
 
+CHECKSUMS = "SHA256SUMS"
+
+
 def _read_bytes(path) -> bytes:
     p = Path(path)
     if p.is_dir():
         raise DataError(path, None, None, "is a directory, expected a JSONL file")
     try:
-        return p.read_bytes()
+        data = p.read_bytes()
     except FileNotFoundError:
         raise DataError(path, None, None, "file not found") from None
     except OSError as e:
         raise DataError(path, None, None, f"cannot read file: {e.strerror or e}") from None
+    _verify_checksum(p, data)
+    return data
+
+
+def _verify_checksum(path: Path, data: bytes) -> None:
+    """A file listed in a ``SHA256SUMS`` beside it (the shipped data) must match its digest:
+    a damaged or hand-edited copy would otherwise train and score silently."""
+    sums = path.parent / CHECKSUMS
+    if not sums.is_file():
+        return
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if name.lstrip("*") == path.name and hashlib.sha256(data).hexdigest() != digest:
+            raise DataError(path, None, None, f"does not match its sha256 in {sums} (the file was changed "
+                            "or damaged): rebuild it (bash data/regenerate.sh --write for data/testbed), or "
+                            "remove its line from SHA256SUMS if the change is intended")
 
 
 def _raw_lines(path) -> Iterator[tuple[int, tuple[bytes, int]]]:

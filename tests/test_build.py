@@ -134,3 +134,29 @@ def test_console_script_runs(tmp_path):
                            "sizes.forget_pool=2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len((tmp_path / "prompts_train.jsonl").read_text().splitlines()) == 5 * len(TASKS)
+
+
+def test_relabel_data_rescores_a_build_as_a_rebuild_would(tmp_path):
+    from stable_rlhf.testbed.build import RelabelDataConfig, relabel_data
+
+    out = tmp_path / "run"
+    build_data(load_config(BuildDataConfig, None, TINY + [f"out_dir={out}"]))
+    files = ("preferences_train.jsonl", "preferences_eval.jsonl", "sft_demos.jsonl", "labeler_stats.json")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    # A copy whose gold values, labels and demonstrations are stale (as after a change of
+    # the gold reward), with its checksums.
+    for name in files:
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()] if name.endswith("l") else []
+        for r in rows:
+            if "responses" in r:  # a comparison
+                r.update(gold=[0.0] * len(r["responses"]), ranking=list(reversed(r["ranking"])))
+            else:  # a demonstration
+                r["meta"]["gold"] = 0.0
+        text = "".join(json.dumps(r) + "\n" for r in rows) if rows else "{}\n"
+        (shipped / name).write_text(text)
+    (shipped / "SHA256SUMS").write_text("".join(f"{'0' * 64}  {name}\n" for name in files))
+    relabel_data(load_config(RelabelDataConfig, None, TINY + [f"data_dir={shipped}"]))
+    for name in files:
+        assert (shipped / name).read_bytes() == (out / name).read_bytes(), name
+    assert read_jsonl(shipped / "preferences_train.jsonl", "ranked")  # checksums now match

@@ -375,3 +375,18 @@ def test_load_dataset_records_unreachable_hub_is_a_data_error():
     with pytest.raises(DataError, match="datasets could not load it") as info:
         load_dataset_records("no-such-org/no-such-dataset", "pair", split="test")
     check_error(info.value, "no-such-org/no-such-dataset[test]", None, None)
+
+
+def test_a_file_listed_in_sha256sums_must_match_its_digest(tmp_path):
+    import hashlib
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Say hi."}\n')
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "SHA256SUMS").write_text(f"{digest}  prompts.jsonl\n")
+    assert read_jsonl(path, "prompt")[0]["prompt"] == "Say hi."
+    path.write_text('{"prompt": "Say bye."}\n')  # edited after the checksum was taken
+    with pytest.raises(DataError, match=r"prompts.jsonl: does not match its sha256 in .*SHA256SUMS"):
+        read_jsonl(path, "prompt")
+    (tmp_path / "SHA256SUMS").write_text(f"{digest}  other.jsonl\n")  # not listed: not checked
+    assert read_jsonl(path, "prompt")[0]["prompt"] == "Say bye."

@@ -180,7 +180,8 @@ def test_bullets_count_content_and_topic():
     assert exact == pytest.approx(numbered)
     assert exact > short_by_one and exact > extra_one
     assert min(short_by_one, extra_one, off_topic) > max(contentless, keywords_only)
-    assert exact > repeated > contentless
+    # Three copies of one item are one fact said three times: no better than no content.
+    assert exact > repeated >= contentless
     assert _frac("bullets", contentless) < 0.2 and _frac("bullets", prose) < 0.1
 
 
@@ -236,7 +237,9 @@ def test_code_runs_hidden_tests_in_the_sandbox():
     prints = _r(CODE, "```python\ndef sum_list(nums):\n    print(sum(nums))\n```")
     assert correct == raw == TASKS["code"].high
     assert correct > partial > loops >= prints > wrong_name > syntax_error == TASKS["code"].low
-    assert 0.2 < _frac("code", partial) < 0.6
+    # Most credit is for passing every test (a constant passes a few tests of most specs):
+    # the partial solution passes 2 of 6, 0.1 + 0.3 * 2/6.
+    assert _frac("code", partial) == pytest.approx(0.1 + 0.3 * 2 / 6)
     assert _frac("code", loops) <= 0.1 and _frac("code", wrong_name) < 0.05
 
 
@@ -370,3 +373,62 @@ def test_task_table_reports_the_degenerate_share_per_task_and_over_tasks():
     table = task_table(rows)
     assert table["word_limit"]["degenerate_rate"] == 0.5 and table["arithmetic"]["degenerate_rate"] == 0.0
     assert table["all"]["degenerate_rate"] == 0.25  # the mean over tasks, like the gold
+
+
+# ------------------------------------------------ what the hardening holds against
+
+
+def _frac_of(record: dict, response: str) -> float:
+    return _frac(record["task"], _r(record, response))
+
+
+def test_text_is_counted_as_a_reader_sees_it():
+    from stable_rlhf.testbed import text as T
+
+    # Invisible characters separate words; a hyphen chain is several words, one hyphen one.
+    assert T.word_count(T.normalise("the\u200bsea\u2060is\u00adblue")) == 4
+    assert T.word_count("the-sea-is-blue well-known") == 5
+    assert T.normalise("Ｓｅａ café") == "Sea cafe"
+    assert T.foreign_letters(T.normalise("the ѕea іs blue ᴀ")) == 3  # Cyrillic s, i; small capital A
+    glued = "\u200b".join(GOOD["word_limit"][1].split())
+    assert _r(LIMIT, glued) == pytest.approx(_r(LIMIT, GOOD["word_limit"][1]))
+
+
+def test_lookalike_letters_do_not_pass_a_rule():
+    plain = "the ocean is deep and full of fish, and waves roll over the salty water."
+    assert _frac_of(LOWER, plain) > 0.8
+    small_capital = "ᴛ" + plain[1:]  # a capital's lookalike counts as a capital, and as foreign
+    assert _frac_of(LOWER, small_capital) < 0.4 * _frac_of(LOWER, plain)
+    cyrillic = plain.replace("o", "о")  # lowercase Cyrillic o: not English
+    assert _frac_of(LOWER, cyrillic) < 0.1
+
+
+def test_arithmetic_spraying_candidates_halves_credit_per_extra_number():
+    committed = _r(ARITH, "12 + 7 = 19 and 19 - 5 = 14, so Tom has 14 apples now.")
+    hedged = _r(ARITH, "It could be 11, 13 or 16; 12 + 7 = 19 and 19 - 5 = 14, so Tom has 14 apples now.")
+    d = gold_reward_details(ARITH, "It could be 11, 13 or 16; 12 + 7 = 19 and 19 - 5 = 14, so Tom has 14 apples now.")
+    assert d["extra_numbers"] == 3  # 11, 13, 16, 19, 14 stated; 19 and 14 are the worked answer
+    assert 0 < hedged <= committed * 0.5 ** 3 + 1e-9
+
+
+def test_restating_the_instruction_or_listing_keywords_is_not_an_answer():
+    reworded = "here are one or two sentences about the ocean, written only in lowercase letters."
+    assert _frac_of(LOWER, reworded) < 0.15
+    answer = GOOD["keywords"][1]
+    assert _frac_of(KEYWORDS, answer) > 0.9
+    without = "The ocean is wide and deep, and fish swim far below its surface."
+    appended = without[:-1] + ", salt, wave."  # the required words as a list tacked on
+    assert _frac_of(KEYWORDS, appended) <= _frac_of(KEYWORDS, without) + 1e-9
+    wrapped = "The *salt* of the ocean rides on every «wave» that rolls toward the shore."
+    assert _frac_of(KEYWORDS, wrapped) <= _frac_of(KEYWORDS, without) + 1e-9
+
+
+def test_salads_score_no_better_than_the_floor_band():
+    salads = [
+        (LOWER, "in ocean the sea by water in wave but fish and tide."),
+        (LIMIT, "volcano lava eruption magma ash mountain crater erupt hot rock"),
+        (KEYWORDS, "the of salt and is wave to a in that it for on with as"),
+        (BULLETS, "- **volcano** **lava** **ash**\n- **magma** **crater** **rock**\n- **erupt** **hot** **mountain**"),
+    ]
+    for record, salad in salads:
+        assert _frac_of(record, salad) < 0.2, (record["task"], salad)

@@ -28,6 +28,7 @@ import numpy as np
 from ..config import GenerationConfig, ModelConfig, save_config, to_dict
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from .labelers import LabelerConfig, agreement_panel, label_groups, measured_agreement, predicted_agreement
+from .prompts import make_splits
 from .tasks import TASK_NAMES, TASKS
 
 
@@ -131,8 +132,6 @@ def _check_tasks(tasks: list[str]) -> None:
 
 
 def write_prompt_splits(out: Path, tasks: list[str], sizes: SplitSizes, seed: int) -> dict[str, list[dict]]:
-    from .prompts import make_splits
-
     splits = make_splits(list(tasks), dataclasses.asdict(sizes), seed)
     for name, records in splits.items():
         atomic_write_jsonl(out / f"prompts_{name}.jsonl", records)
@@ -392,3 +391,75 @@ def build_data(cfg: BuildDataConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     _print_summary(text, summary, out)
     return summary
+
+
+# ----------------------------------------------------------------------- relabel
+
+
+@dataclasses.dataclass
+class RelabelDataConfig(BuildDataConfig):
+    """``stable-rlhf relabel-data``: a build's preference data rescored with today's gold reward.
+
+    The samples stay (they do not depend on the gold reward); their gold, the simulated
+    labels drawn from it, the SFT demonstrations picked by it and the labeler statistics
+    are recomputed exactly as ``build-data`` computes them, so the result equals a full
+    rebuild from the same config without an hour of sampling. Give the build's own
+    config (``--config DATA_DIR/build_config.yaml``).
+    """
+
+    data_dir: str = "data/testbed_large"
+    """the build directory to rewrite in place (preferences_*, sft_demos, labeler_stats, SHA256SUMS)"""
+
+
+def _scored_rows(pairs: list[tuple[str, str]], prompts_by_id: dict[str, dict]) -> list[dict]:
+    """Sample rows (as ``sample_and_score`` writes them) for ``(prompt id, response)`` pairs,
+    gold recomputed."""
+    from .tasks import gold_rewards
+
+    prompts = [prompts_by_id[pid] for pid, _ in pairs]
+    golds = gold_rewards(prompts, [resp for _, resp in pairs])
+    return [{"id": p["id"], "task": p["task"], "prompt": p["prompt"], "response": resp, "gold": gold}
+            for p, (_, resp), gold in zip(prompts, pairs, golds)]
+
+
+def _comparison_samples(records: list[dict]) -> list[tuple[str, str]]:
+    return [(r["meta"]["id"], resp) for r in records for resp in r["responses"]]
+
+
+def _demo_samples(old_demos: list[dict], comparisons: list[dict]) -> list[tuple[str, str]]:
+    """The samples ``best_demonstrations`` chose from, in build order: a prompt whose K
+    samples were all one text has no comparison record, only its demonstration."""
+    by_id = {r["meta"]["id"]: r["responses"] for r in comparisons}
+    pids = [d["meta"]["id"] for d in old_demos]
+    return [(pid, resp) for pid, d in zip(pids, old_demos) for resp in by_id.get(pid, [d["response"]])]
+
+
+def relabel_data(cfg: RelabelDataConfig) -> dict:
+    data = Path(cfg.data_dir)
+    splits = make_splits(list(cfg.tasks), dataclasses.asdict(cfg.sizes), cfg.seed)
+    prompts_by_id = {r["id"]: r for recs in splits.values() for r in recs}
+    train, held_out = (read_jsonl(data / f"preferences_{s}.jsonl") for s in ("train", "eval"))
+    train_rows = _scored_rows(_comparison_samples(train), prompts_by_id)
+    eval_rows = _scored_rows(_comparison_samples(held_out), prompts_by_id)
+    demo_rows = _scored_rows(_demo_samples(read_jsonl(data / "sft_demos.jsonl"), train), prompts_by_id)
+    # the same seeds as build_data's step 4
+    prefs_train, stats_train = preference_records(train_rows, prompts_by_id, cfg.labeler, cfg.seed + 10)
+    prefs_eval, stats_eval = preference_records(eval_rows, prompts_by_id, cfg.labeler, cfg.seed + 11)
+    demos = best_demonstrations(demo_rows, prompts_by_id)
+    labeler_stats = _labeler_stats(cfg.labeler, cfg.seed, prefs_train + prefs_eval, stats_train, stats_eval)
+    atomic_write_jsonl(data / "preferences_train.jsonl", prefs_train)
+    atomic_write_jsonl(data / "preferences_eval.jsonl", prefs_eval)
+    atomic_write_jsonl(data / "sft_demos.jsonl", demos)
+    atomic_write_json(data / "labeler_stats.json", labeler_stats)
+    write_checksums(data)
+    print(f"[relabel] {len(prefs_train)} + {len(prefs_eval)} comparisons rescored, {len(demos)} demonstrations; "
+          f"label agreement with the gold order {labeler_stats['agreement_measured']:.4f} -> {data}")
+    return labeler_stats
+
+
+def write_checksums(data: Path) -> None:
+    """Rewrite ``SHA256SUMS`` for the files it lists (the loaders check them)."""
+    sums = data / "SHA256SUMS"
+    names = [line.split()[-1] for line in sums.read_text().splitlines() if line.strip()]
+    atomic_write_text(sums, "".join(
+        f"{hashlib.sha256((data / n).read_bytes()).hexdigest()}  {n}\n" for n in names))

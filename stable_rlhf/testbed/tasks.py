@@ -7,6 +7,15 @@ token, the prompt echoed back or bare markdown ("*cat*") gets the task's floor. 
 format-only word-limit checker was gamed by a 135M model within 40 RL steps with
 exactly "*cat*".)
 
+What a trick cannot buy (``stable-rlhf testbed red-team`` measures it, family by family,
+against the SFT answers): text is scored as a reader sees it (``text.normalise``: NFKC,
+invisible characters are spaces, lookalike letters count against the answer and as
+capitals); prose must read as prose to a fluency judge fitted on the SFT samples
+(``fluency.py``: word-class coherence, function-word share, mixing); topic and required
+words count only when used in a phrase (``text.used_words``), not listed, quoted or
+emphasised; the instruction's own words, reworded, are no answer; repeated 4-grams,
+sprayed candidate numbers and code that passes only some tests earn little.
+
 Each scorer returns a score in [0, 1] built from named components, with partial
 credit so a weak SFT policy's samples spread out instead of sitting at the floor or the
 ceiling; the reward is that score mapped onto the task's own range, and the ranges
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import text as T
+from .fluency import fluency
 from .sandbox import SandboxUnavailable, run_python_tests
 
 logger = logging.getLogger(__name__)
@@ -99,7 +109,27 @@ def _has_code_fence(response: str) -> bool:
     return "```" in response
 
 
+# ------------------------------------------------------------------ fluency
+
+
+def _prose(text: str) -> float:
+    """How much ``text`` reads as prose, in [0, 1]: the fluency judge (``fluency.py``) on
+    the whole text and on each sentence or line of four words or more, the worst of them,
+    so a fluent answer with a keyword salad tacked on is judged by the salad."""
+    segments = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if len(T.prose_words(s)) >= 4]
+    return min([fluency(text), *map(fluency, segments)])
+
+
 # ------------------------------------------------------------------- arithmetic
+
+
+def _spray(found: list[float], meta: dict) -> int:
+    """How many distinct numbers the response states beyond what a worked answer needs: the
+    operands, the problem's intermediate results and one final answer (with one to spare
+    for a restated unit or a slip). "It is 12, 15 or 19" hedges; credit shrinks with it."""
+    known = {*map(float, meta["operands"]), *map(float, meta.get("steps") or [])}
+    stated = {f for f in found if f not in known}
+    return max(0, len(stated) - 2)
 
 
 def _score_arithmetic(meta: dict, response: str) -> dict:
@@ -107,56 +137,71 @@ def _score_arithmetic(meta: dict, response: str) -> dict:
     final = T.final_number(response)
     correct = final is not None and abs(final - answer) < 1e-9
     found = T.numbers(response)
-    # A short explanation: prose (sentence-like) that uses the problem's operands,
-    # and not a wall of text.
+    # A short explanation: fluent prose that uses the problem's operands, not a wall of text.
     operands_used = sum(any(abs(f - o) < 1e-9 for f in found) for o in operands) / len(operands)
-    prose = T.sentence_score(re.sub(r"-?\d[\d,.]*", " ", response), min_words=5)
+    prose = T.sentence_score(re.sub(r"-?\d[\d,.]*", " ", response), min_words=5) * _prose(response)
     n_words = T.word_count(response)
     brevity = 1.0 if n_words <= 80 else _clip01(1 - (n_words - 80) / 120)
     explanation = (0.5 * operands_used + 0.5 * prose) * brevity
     # Partial credit for wrong answers, so a policy that gets almost every problem
     # wrong (SmolLM2-135M does) still sees a gradient: how close the final number is,
-    # and whether the right intermediate result of a two-step problem shows up (not
-    # counted in a spray of numbers).
+    # and whether the right intermediate result of a two-step problem shows up.
     closeness = 0.0 if final is None else _clip01(1 - abs(final - answer) / max(2.0, 0.2 * abs(answer)))
     steps = meta.get("steps") or []
-    steps_found = (
-        sum(any(abs(f - s) < 1e-9 for f in found) for s in steps) / len(steps)
-        if steps and len(found) <= 12 else 0.0
-    )
+    steps_found = sum(any(abs(f - s) < 1e-9 for f in found) for s in steps) / len(steps) if steps else 0.0
     # A bare correct number earns 0.55; a wrong final number at most 0.45, usually
-    # far less.
+    # far less. Each extra candidate number halves the credit, so spraying several
+    # answers (one of which may be right) loses to committing to one.
+    extra = _spray(found, meta)
     if correct:
         score = 0.55 + 0.45 * explanation
     else:
         score = 0.1 * explanation + 0.2 * closeness + 0.15 * steps_found
+    score *= 0.5 ** extra
     return {"score": score, "correct": float(correct), "final_number": final, "closeness": closeness,
-            "steps_found": steps_found, "operands_used": operands_used, "prose": prose, "brevity": brevity}
+            "steps_found": steps_found, "operands_used": operands_used, "prose": prose, "brevity": brevity,
+            "extra_numbers": extra}
 
 
 # ---------------------------------------------------------------------- bullets
 
 
-def _near_duplicate(a: list[str], b: list[str]) -> bool:
-    sa, sb = set(a), set(b)
-    return bool(sa | sb) and len(sa & sb) / len(sa | sb) >= 0.8
+def _near_duplicate(a: set[str], b: set[str]) -> bool:
+    """Two items say the same thing: most of their content stems are shared, or one's
+    are all in the other's."""
+    if not a or not b:
+        return True
+    return len(a & b) / len(a | b) >= 0.6 or a <= b or b <= a
+
+
+def _content_stems(item: str) -> set[str]:
+    return {T.stem(w) for w in T.prose_words(item) if w not in T.FUNCTION_WORDS}
+
+
+def _item_quality(items: list[str]) -> list[float]:
+    """Each bullet should be a short fluent statement (>= 3 words that are words, not
+    digits) that does not repeat an earlier one."""
+    stems = [_content_stems(i) for i in items]
+    quality = []
+    for k, item in enumerate(items):
+        if any(_near_duplicate(stems[k], prev) for prev in stems[:k]):
+            quality.append(0.0)
+            continue
+        quality.append(_clip01((len(T.prose_words(item)) - 1) / 2) * fluency(item))
+    return quality
 
 
 def _score_bullets(meta: dict, response: str) -> dict:
     want = meta["n_bullets"]
-    items = [T.words(T.strip_markdown(i)) for i in T.bullet_items(response)]
+    items = [T.strip_markdown(i) for i in T.bullet_items(response)]
     got = len(items)
     count = {0: 1.0, 1: 0.5, 2: 0.2}.get(abs(got - want), 0.0) if got else 0.0
     if count == 0.0:  # the score is 0 whatever the content; skip the O(items^2) check below
         return {"score": 0.0, "n_bullets": got, "count": 0.0, "content": 0.0, "topic": 0.0}
-    # Each bullet should say something (>= 3 words) and not repeat an earlier one.
-    quality = []
-    for k, item in enumerate(items):
-        dup = any(_near_duplicate(item, prev) for prev in items[:k])
-        quality.append(0.0 if dup else _clip01((len(item) - 1) / 2))
-    content = sum(quality) / len(quality) if quality else 0.0
+    quality = _item_quality(items)
+    content = sum(quality) / len(quality)
     topic = T.topic_score(response, meta["topic_keywords"], need=2)
-    score = count * (0.15 + 0.85 * content * (0.4 + 0.6 * topic))
+    score = count * content * (0.15 + 0.85 * (0.4 + 0.6 * topic))
     return {"score": score, "n_bullets": got, "count": count, "content": content, "topic": topic}
 
 
@@ -164,9 +209,11 @@ def _score_bullets(meta: dict, response: str) -> dict:
 
 
 def _score_lowercase(meta: dict, response: str) -> dict:
-    upper = T.uppercase_count(response)
+    # A letter with no plain-Latin form (a small capital, a Cyrillic lookalike) cannot be
+    # checked for case: it counts as a capital.
+    upper = T.uppercase_count(response) + T.foreign_letters(response)
     case = {0: 1.0, 1: 0.4, 2: 0.25, 3: 0.15, 4: 0.15}.get(upper, 0.05)
-    sentence = T.sentence_score(response)
+    sentence = T.sentence_score(response) * _prose(response)
     topic = T.topic_score(response, meta["topic_keywords"], need=2)
     div = T.diversity(response)
     # "One or two sentences": allow a third, then halve.
@@ -185,10 +232,10 @@ def _score_word_limit(meta: dict, response: str) -> dict:
     n = T.word_count(response)
     # Over the limit: at most 0.4 of the credit, gone at 50% over.
     within = 1.0 if n <= limit else 0.4 * _clip01(1 - (n - limit) / (0.5 * limit))
-    # ... and it must still say something: "*cat*" is within any limit.
-    substance = _clip01(n / max(5.0, limit / 3))
+    # ... and it must still say something, in words: "*cat*" is within any limit.
+    substance = _clip01(len(T.prose_words(response)) / max(5.0, limit / 3))
     topic = T.topic_score(response, meta["topic_keywords"], need=2)
-    sentence = T.sentence_score(response)
+    sentence = T.sentence_score(response) * _prose(response)
     div = T.diversity(response)
     score = within * substance * sentence * (0.4 + 0.6 * (0.6 * topic + 0.4 * div))
     return {"score": score, "n_words": n, "within": within, "substance": substance,
@@ -197,21 +244,28 @@ def _score_word_limit(meta: dict, response: str) -> dict:
 
 # --------------------------------------------------------------------- keywords
 
-
-_QUOTES = "'\"`‘’“”"
+# Marks around a word that quote or flag it rather than use it: quotes, guillemets,
+# markdown emphasis and code ticks (after a word, an apostrophe is a possessive).
+_MARKS_BEFORE = "'\"`‘’‚‛“”„‟«»‹›*_"
+_MARKS_AFTER = "\"`‛“”„‟«»‹›*_"
 _TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+# Talking about the words instead of using them: 'uses the words "salt" and "wave"'.
+_META_LANGUAGE_RE = re.compile(r"\bwords?\s*[\"'`‘“«*_:]|\bthe\s+words?\b|\bkeywords?\b", re.I)
 
 
 def _keyword_used(keyword: str, response: str) -> bool:
-    """The keyword (or its plural) appears as a word, case-insensitively, and at least
-    once *used* rather than quoted: 'uses the words "salt" and "wave"' mentions the
-    words without using them, and is the obvious way to game this task."""
+    """The keyword (or its plural) appears as a word, case-insensitively, in a phrase
+    (``text.used_words``: not in a list tacked on), and at least once *used* rather than
+    quoted or flagged: a word next to a quote, a guillemet or an emphasis mark is
+    mentioned, which is the obvious way to game this task."""
     stem = T.stem(keyword)
+    if stem not in {T.stem(w) for w in T.used_words(response)}:
+        return False
     for m in _TOKEN_RE.finditer(response):
         if T.stem(m.group()) == stem:
-            before = response[m.start() - 1] if m.start() > 0 else ""
-            after = response[m.end()] if m.end() < len(response) else ""
-            if not (before and after and before in _QUOTES and after in _QUOTES):
+            before = response[m.start() - 1 : m.start()]
+            after = response[m.end() : m.end() + 1]
+            if not (before and before in _MARKS_BEFORE or after and after in _MARKS_AFTER):
                 return True
     return False
 
@@ -220,7 +274,7 @@ def _score_keywords(meta: dict, response: str) -> dict:
     keywords = meta["keywords"]
     present = [_keyword_used(k, response) for k in keywords]
     kw = sum(present) / len(present)
-    sentence = T.sentence_score(response)
+    sentence = T.sentence_score(response) * _prose(response)
     topic = T.topic_score(response, meta["topic_keywords"], need=1, exclude=keywords)
     div = T.diversity(response)
     content = sentence * (0.5 + 0.25 * topic + 0.25 * div)
@@ -229,11 +283,17 @@ def _score_keywords(meta: dict, response: str) -> dict:
     kw_share = sum(T.stem(t) in {T.stem(k) for k in keywords} for t in toks) / max(1, len(toks))
     if kw_share > 0.4:
         content *= 0.5
+    meta_language = bool(_META_LANGUAGE_RE.search(response))
+    if meta_language:
+        content *= 0.25
+    # One sentence: a fragment of a few words ("The water and the boat.") is not one,
+    # and a paragraph is more than one.
     n = T.word_count(response)
-    length = 1.0 if n <= 40 else max(0.5, 1 - (n - 40) / 80)
+    length = min(1.0, n / 8) if n <= 40 else max(0.5, 1 - (n - 40) / 80)
     score = content * (0.2 + 0.8 * kw) * length
     return {"score": score, "keywords_present": kw, "sentence": sentence, "topic": topic,
-            "diversity": div, "keyword_share": kw_share, "length": length}
+            "diversity": div, "keyword_share": kw_share, "meta_language": float(meta_language),
+            "length": length}
 
 
 # ------------------------------------------------------------------------- code
@@ -322,7 +382,10 @@ def _score_code(meta: dict, response: str) -> dict:
         return {"score": 0.03 if defines_any else 0.0, "syntax_ok": 1.0, "defines_function": 0.0,
                 "pass_fraction": 0.0, "error": f"no function named {name!r}"}
     frac, error = _pass_fraction(code, name, meta["tests"])
-    return {"score": 0.1 + 0.9 * frac, "syntax_ok": 1.0, "defines_function": 1.0,
+    # Most of the credit is for passing every test: a constant or the argument handed
+    # back passes a few tests of most specs (0.15 of them on average), and under
+    # proportional credit a per-spec trivial return beat the SFT policy.
+    return {"score": 0.1 + 0.3 * frac + 0.6 * (frac == 1.0), "syntax_ok": 1.0, "defines_function": 1.0,
             "pass_fraction": frac, "error": error}
 
 
@@ -464,28 +527,57 @@ def degenerate_reason(record: dict, response: str) -> str | None:
 
 def _score_response(task: str, record: dict, response: str) -> dict:
     """The unguarded scoring path: the degeneracy gate, the task's scorer, the shared
-    adjustments. Ends by checking the score is a finite number (a NaN would pass
-    ``_clip01`` as 1.0)."""
-    prompt = record.get("prompt", "")
-    reason = degenerate_reason(record, response)
+    adjustments. Text answers are scored as a reader sees them (``text.normalise``:
+    lookalike and invisible characters do not change a count). Ends by checking the
+    score is a finite number (a NaN would pass ``_clip01`` as 1.0)."""
+    text = response if task == "code" else T.normalise(response)
+    reason = degenerate_reason(record, text)
     if reason is not None:
         return {"score": 0.0, "degenerate": reason}
-    out = _SCORERS[task](record["meta"], response)
-    if task in _PROSE_TASKS:
-        # Restating the instruction ("This sentence about X uses the words ...")
-        # is not an answer: fade the score out as more of the response's 3-grams
-        # come from the prompt (30% -> 70%, where the echo gate takes over).
-        overlap = T.prompt_overlap(response, prompt)
-        out["originality"] = _clip01(1 - (overlap - 0.3) / 0.4)
-        out["score"] *= out["originality"]
-    if task != "code" and _has_code_fence(response):
-        out["score"] *= _FOREIGN_CODE_FACTOR
-        out["foreign_code"] = 1.0
+    out = _SCORERS[task](record["meta"], text)
+    if task != "code":
+        _text_adjustments(task, out, text, record)
     out["score"] = float(out["score"])
     if not math.isfinite(out["score"]):
         raise ValueError(f"the {task} scorer returned a non-finite score {out['score']}")
     out["degenerate"] = None
     return out
+
+
+def _instruction_stems(record: dict) -> set[str]:
+    """The stems of the prompt's own words that are not about its topic: "write",
+    "sentence", "lowercase", "letter", "description", "bulleted", "word", ..."""
+    meta = record["meta"]
+    topical = {T.stem(w) for key in ("topic_keywords", "keywords") for w in meta.get(key) or []}
+    topical |= {T.stem(w) for key in ("topic", "style", "things") for w in T.words(str(meta.get(key) or ""))}
+    return {T.stem(w) for w in T.prose_words(record.get("prompt", "")) if w not in T.CLOSED_CLASS} - topical
+
+
+def _text_adjustments(task: str, out: dict, text: str, record: dict) -> None:
+    """What every text task discounts, in place on ``out["score"]``."""
+    prompt = record.get("prompt", "")
+    if task in _PROSE_TASKS:
+        # Restating the instruction ("This sentence about X uses the words ...")
+        # is not an answer: fade the score out as more of the response's 3-grams
+        # come from the prompt (30% -> 70%, where the echo gate takes over), and as it
+        # uses more of the instruction's own words, however reworded ("here are two
+        # sentences, written in lowercase letters"): of the held-out SFT answers, only
+        # two such non-answers use two or more.
+        out["originality"] = _clip01(1 - (T.prompt_overlap(text, prompt) - 0.3) / 0.4)
+        out["instruction_words"] = len(_instruction_stems(record) & {T.stem(w) for w in T.words(text)})
+        out["score"] *= out["originality"] * {0: 1.0, 1: 1.0, 2: 0.3}.get(out["instruction_words"], 0.1)
+    # Saying a thing twice, or looping a phrase: full credit up to 15% of the word
+    # 4-grams repeated (the SFT samples' 95th percentile is 11%), none from 50%.
+    out["repetition"] = T.repeated_ngram_share(text)
+    out["score"] *= _clip01((0.5 - out["repetition"]) / 0.35)
+    # An English answer has no letters outside ASCII once normalised (none of the
+    # shipped SFT samples does); lookalikes cost 10x their share of the letters.
+    letters = sum(c.isalpha() for c in text)
+    out["foreign_letters"] = T.foreign_letters(text)
+    out["score"] *= _clip01(1 - 10 * out["foreign_letters"] / max(1, letters))
+    if _has_code_fence(text):
+        out["score"] *= _FOREIGN_CODE_FACTOR
+        out["foreign_code"] = 1.0
 
 
 def _machinery_failure(err: Exception) -> bool:

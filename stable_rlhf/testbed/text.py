@@ -7,6 +7,7 @@ All scores here are in [0, 1] and deterministic. Nothing in this module imports 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from typing import Iterable
 
@@ -27,6 +28,13 @@ FUNCTION_WORDS = frozenset(
     and or but so because if when while which who what where how not no very also too
     some many much more most all each every one other such only just""".split()
 )
+# ... and more closed-class words, for telling a phrase from a list of content words.
+CLOSED_CLASS = FUNCTION_WORDS | frozenset(
+    """into onto over under after before between through during across along behind beyond near
+    toward towards off down away back together up out then here now never always often again still
+    even well both either neither nor yet since until upon within without against among around any
+    few own same us him hers ours yours mine whose whom why like per via""".split()
+)
 
 
 def words(text: str) -> list[str]:
@@ -34,10 +42,85 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD_RE.findall(text)]
 
 
+# Characters a reader does not see: zero-width spaces and joiners, soft hyphens,
+# direction marks, the BOM (Unicode "format" characters), and blank fillers that are
+# letters to Python ("\u3164".isalpha()), so cannot be told apart by category.
+_BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"
+
+
+def normalise(text: str) -> str:
+    """The text the scorers count on: NFKC (fullwidth and mathematical letters become
+    plain ones), every invisible character a space (words glued with a zero-width space
+    are separate words), and accents dropped from Latin letters ("café" -> "cafe").
+    Letters with no plain-Latin form are kept (``foreign_letters`` counts them)."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if unicodedata.category(c) == "Cf" or c in _BLANK_LETTERS else c for c in text)
+    decomposed = unicodedata.normalize("NFKD", text)
+    return unicodedata.normalize("NFC", "".join(c for c in decomposed if not unicodedata.combining(c)))
+
+
+def foreign_letters(text: str) -> int:
+    """Letters outside plain ASCII (in a ``normalise``d text: Cyrillic or Greek lookalikes,
+    small capitals, ...): an English answer has none, and a lookalike can pass for a
+    letter a rule forbids."""
+    return sum(c.isalpha() and not c.isascii() for c in text)
+
+
 def word_count(text: str) -> int:
-    """Words as a reader counts them against a limit: whitespace-separated chunks
-    with a letter or digit in them ("well-known" is one word, a lone "-" none)."""
-    return sum(bool(re.search(r"[A-Za-z0-9]", chunk)) for chunk in text.split())
+    """Words as a reader counts them against a limit: runs of letters and digits (with
+    an inner apostrophe), where two joined by one hyphen ("well-known") are one word, but
+    a longer chain ("the-sea-is-blue"), or words glued by underscores, slashes or dots,
+    count word by word."""
+    n = 0
+    for chunk in text.split():
+        parts = _WORD_RE.findall(chunk)
+        compound = len(parts) == 2 and re.fullmatch(r"\W*[A-Za-z0-9']+-[A-Za-z0-9']+\W*", chunk)
+        n += 1 if compound else len(parts)
+    return n
+
+
+def prose_words(text: str) -> list[str]:
+    """Lowercased word tokens that are words, not numbers: a digit does not stand for a
+    word in a list item or a sentence."""
+    return [w for w in words(text) if not w[0].isdigit()]
+
+
+_CLAUSE_SPLIT_RE = re.compile(r"[,;:.!?()\[\]\n]+")
+LONGEST_CONTENT_RUN = 3  # held-out SFT answers: 95% have no run of content words over 4
+
+
+def used_words(text: str) -> list[str]:
+    """The words ``text`` uses in a phrase, lowercased: those of clauses (between
+    punctuation) of three or more words with a closed-class word among them, leaving out
+    runs of more than ``LONGEST_CONTENT_RUN`` + 1 content words in a row. What a topic or a
+    required word must be part of to count: ``"..., water, boat."`` tacked onto an answer,
+    or ``"a thermometer snow temperature sun weather"``, is a list, not a use."""
+    out: list[str] = []
+    for clause in _CLAUSE_SPLIT_RE.split(text):
+        toks = prose_words(clause)
+        if len(toks) < 3 or not any(t in CLOSED_CLASS for t in toks):
+            continue
+        run: list[str] = []
+        for tok in [*toks, ""]:
+            if tok and tok not in CLOSED_CLASS:
+                run.append(tok)
+                continue
+            out += run if len(run) <= LONGEST_CONTENT_RUN + 1 else []
+            out += [tok] if tok else []
+            run = []
+    return out
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of the text's word n-grams already seen earlier in it: a sentence said twice,
+    or a looped phrase (0 for fewer than n words)."""
+    grams = _ngrams(words(text), n)
+    seen: set[tuple[str, ...]] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams) if grams else 0.0
 
 
 def stem(word: str) -> str:
@@ -93,10 +176,11 @@ def uppercase_count(text: str) -> int:
 
 
 def topic_score(text: str, keywords: Iterable[str], need: int = 2, exclude: Iterable[str] = ()) -> float:
-    """Fraction of ``need`` distinct topic keywords (by stem) the text mentions."""
+    """Fraction of ``need`` distinct topic keywords (by stem) the text uses in a phrase
+    (``used_words``)."""
     excluded = {stem(e) for e in exclude}
     wanted = {stem(k) for k in keywords} - excluded
-    hits = len(wanted & stems(text))
+    hits = len(wanted & {stem(w) for w in used_words(text)})
     return min(1.0, hits / need) if need > 0 else 1.0
 
 
