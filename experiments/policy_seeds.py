@@ -5,8 +5,8 @@
 
 Each seed is a run directory out/seed<N>; a finished one (summary.json) is skipped and an
 interrupted one resumes from its checkpoint. Prints the eval curve of every seed (the mean
-over tasks of the range-normalised gold reward, and the proxy score when the score is a
-model), then the change from the first eval point to the last: its mean over seeds, the
+over tasks of the range-normalised gold reward, the share of answers flagged degenerate,
+and the proxy score when the score is a model), then the change from the first eval point to the last: its mean over seeds, the
 seed standard deviation, and whether the mean change exceeds three standard deviations.
 Writes results.md / results.json and the curve plot (analysis/policy_curves.py).
 """
@@ -47,6 +47,7 @@ def eval_curve(run_dir: Path, key: str = "eval/gold_norm") -> list[tuple[int, fl
 def summarise(runs: dict[int, Path]) -> tuple[str, dict]:
     curves = {seed: eval_curve(d) for seed, d in runs.items()}
     proxies = {seed: eval_curve(d, "eval/proxy") for seed, d in runs.items()}
+    degenerate = {seed: eval_curve(d, "eval/degenerate") for seed, d in runs.items()}
     steps = sorted({s for c in curves.values() for s, _ in c})
     lines = ["Eval gold reward (mean over tasks of the range-normalised gold) at each eval point:", "",
              "| step | " + " | ".join(f"seed {s}" for s in runs) + " | mean | std |",
@@ -67,9 +68,13 @@ def summarise(runs: dict[int, Path]) -> tuple[str, dict]:
         "exceeds_3_std": bool(change.mean() > 3 * std) if len(change) > 1 else None,
         "curves": {str(s): c for s, c in curves.items()},
         "proxy_curves": {str(s): c for s, c in proxies.items() if c},
+        "degenerate_curves": {str(s): c for s, c in degenerate.items() if c},
     }
     lines += ["", f"Change first → last eval: {change.mean():+.4f} (seed std {std:.4f}; per seed "
               + ", ".join(f"{c:+.4f}" for c in change) + f"); more than 3 std: {result['exceeds_3_std']}"]
+    if any(degenerate.values()):
+        lines.append("Share of eval answers the gold reward's gate flags degenerate, first → last: " + ", ".join(
+            f"seed {s}: {c[0][1]:.4f} → {c[-1][1]:.4f}" for s, c in degenerate.items() if c))
     if any(proxies.values()):
         lines.append("Proxy score first → last: " + ", ".join(
             f"seed {s}: {c[0][1]:+.4f} → {c[-1][1]:+.4f}" for s, c in proxies.items() if c))

@@ -66,6 +66,12 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "build_data",
         "sample K responses per prompt from a policy, score them with the gold reward, simulate labels",
     ),
+    "relabel-data": (
+        "stable_rlhf.testbed.build",
+        "RelabelDataConfig",
+        "relabel_data",
+        "rescore a build's samples with today's gold reward and redraw its labels (as a rebuild would, without sampling)",
+    ),
     "evaluate": (
         "stable_rlhf.testbed.evaluate",
         "EvaluateConfig",

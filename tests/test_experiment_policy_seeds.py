@@ -33,7 +33,11 @@ def test_policy_seeds_runs_summarises_and_plots(tmp_path, capsys):
     assert result["exceeds_3_std"] == (sum(change) / 2 > 3 * result["change_std"])
     assert (out / "plots" / "gold_curve.png").stat().st_size > 1000
     assert (out / "plots" / "gold_vs_kl.png").stat().st_size > 1000
-    assert "more than 3 std" in capsys.readouterr().out
+    # the degenerate share rides along (tiny-random answers are gibberish: flagged)
+    assert [s for s, _ in result["degenerate_curves"]["0"]] == [0, 1, 2]
+    assert all(0.0 <= v <= 1.0 for _, v in result["degenerate_curves"]["0"])
+    printed = capsys.readouterr().out
+    assert "more than 3 std" in printed and "flags degenerate, first → last: seed 0:" in printed
     # a second call skips the finished seeds and reports the same result
     before = (out / "seed0" / "metrics.jsonl").read_text()
     assert policy_seeds.main([*overrides, "--config", "", "--out", str(out), "--seeds", "0", "1"]) == 0

@@ -432,3 +432,14 @@ def test_salads_score_no_better_than_the_floor_band():
     ]
     for record, salad in salads:
         assert _frac_of(record, salad) < 0.2, (record["task"], salad)
+
+
+def test_the_meter_names_salads_and_lookalikes():
+    from stable_rlhf.testbed.tasks import degenerate_reason
+
+    assert degenerate_reason(LOWER, "in ocean the sea by water in wave but fish and tide and salt.") == "incoherent"
+    assert degenerate_reason(LOWER, "the ѕea is deep and full of fish, and waves roll over it.") == "lookalike_letters"
+    assert degenerate_reason(LOWER, GOOD["lowercase"][1]) is None
+    assert degenerate_reason(ARITH, "4 * 3 = 12") is None  # arithmetic is not judged as prose
+    assert gold_reward_details(LOWER, "in ocean the sea by water in wave but fish and tide and salt.")[
+        "degenerate"] == "incoherent"

@@ -518,11 +518,23 @@ def gold_reward_details(record: dict, response: str) -> dict:
 
 def degenerate_reason(record: dict, response: str) -> str | None:
     """Why ``response`` is a degenerate answer to ``record``'s prompt (empty, too short for
-    its task, repeated tokens, the prompt echoed, bare markup, too long), or None: the gate
+    its task, repeated tokens, the prompt echoed, bare markup, too long; for prose tasks
+    also lookalike letters or no prose to the fluency judge), or None: the gate
     the gold reward floors before scoring, and the report's degenerate-answer meter."""
     if len(response) > MAX_RESPONSE_CHARS:
         return "too_long"
-    return T.degenerate_reason(response, record.get("prompt", ""), min_words=_MIN_WORDS[record["task"]])
+    task = record["task"]
+    text = response if task == "code" else T.normalise(response)
+    reason = T.degenerate_reason(text, record.get("prompt", ""), min_words=_MIN_WORDS[task])
+    if reason is None and task in _PROSE_TASKS:
+        # Not prose at all to the fluency judge (a salad, a shuffle, digits for words) or
+        # written in lookalike letters: what the scorers would floor anyway, named here so
+        # the degenerate-answer meter counts it.
+        if T.foreign_letters(text) > 0:
+            return "lookalike_letters"
+        if fluency(text) == 0.0:
+            return "incoherent"
+    return reason
 
 
 def _score_response(task: str, record: dict, response: str) -> dict:
@@ -530,10 +542,10 @@ def _score_response(task: str, record: dict, response: str) -> dict:
     adjustments. Text answers are scored as a reader sees them (``text.normalise``:
     lookalike and invisible characters do not change a count). Ends by checking the
     score is a finite number (a NaN would pass ``_clip01`` as 1.0)."""
-    text = response if task == "code" else T.normalise(response)
-    reason = degenerate_reason(record, text)
+    reason = degenerate_reason(record, response)
     if reason is not None:
         return {"score": 0.0, "degenerate": reason}
+    text = response if task == "code" else T.normalise(response)
     out = _SCORERS[task](record["meta"], text)
     if task != "code":
         _text_adjustments(task, out, text, record)
