@@ -817,11 +817,11 @@ def gold_scores(records: list[dict], responses: list[str], workers: int = 2) -> 
     ``gold_rewards`` (code in the sandbox, ``workers`` at a time).
 
     The gold reward never raises on a response: one its scorer fails on gets the floor
-    with ``details["error"]`` starting "scorer raised". That is a bug in the scorer, so it
-    is raised here as ``ScorerFailure`` and counted as an error, not as a low score."""
+    with ``details["scorer_failed"]``. That is a bug in the scorer, so it is raised here as
+    ``ScorerFailure`` and counted as an error, not as a low score."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         details = list(pool.map(gold_reward_details, records, responses))
-    failures = [str(d["error"]) for d in details if str(d.get("error") or "").startswith("scorer raised")]
+    failures = [str(d["error"]) for d in details if d.get("scorer_failed")]
     if failures:
         raise ScorerFailure(f"{len(failures)} answer(s): {failures[0]}")
     return [TASKS[r["task"]].normalise(d["reward"]) for r, d in zip(records, details)]

@@ -602,7 +602,8 @@ def _scorer_failure(task: str, response: str, err: Exception) -> dict:
     """The floor for a response the scorer failed on, with the reason recorded and logged."""
     logger.warning("gold reward (%s): the scorer raised %s on a %d-character response; it gets the floor",
                    task, type(err).__name__, len(response), exc_info=err)
-    return {"score": 0.0, "degenerate": None, "error": f"scorer raised {type(err).__name__}: {str(err)[:200]}"}
+    return {"score": 0.0, "degenerate": None, "scorer_failed": True,
+            "error": f"scorer raised {type(err).__name__}: {str(err)[:200]}"}
 
 
 def gold_reward(record: dict, response: str) -> float:
