@@ -1,6 +1,6 @@
 """The trainers' behaviour pinned by a stored fixture: tiny PPO (full and LoRA, with critic
 warm-up and both NLL mixes), rejection-sampling, RM, AM and SFT runs with fixed seeds must
-log the same metrics.jsonl as when the fixture was written, to 1e-6.
+log the same metrics.jsonl as when the fixture was written, to 1e-4 relative.
 
 A refactor that changes what a trainer computes (an RNG draw moved, a loss term reordered,
 a stat renamed) fails here. Timings are left out (they are not behaviour). A change that is
@@ -113,7 +113,9 @@ def assert_same(got: list[dict], want: list[dict], name: str) -> None:
         assert set(w) <= set(g), f"{name} row {i}: missing {sorted(set(w) - set(g))}"
         for key, value in w.items():
             if isinstance(value, float) and not (math.isnan(value) and math.isnan(g[key])):
-                assert g[key] == pytest.approx(value, rel=1e-6, abs=1e-6), f"{name} row {i} {key}"
+                # 1e-4: the same code on two of our CPU machines (other float kernels) differs
+                # by up to ~4e-6 relative after a few steps; a change of behaviour moves far more.
+                assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{name} row {i} {key}"
             elif not isinstance(value, float):
                 assert g[key] == value, f"{name} row {i} {key}"
 
