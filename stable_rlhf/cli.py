@@ -36,6 +36,12 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
         "train",
         "fine-tune a policy with NLL on demonstrations (prompt tokens masked)",
     ),
+    "dpo": (
+        "stable_rlhf.dpo",
+        "DPOConfig",
+        "train",
+        "direct preference optimisation (DPO, cDPO or IPO) of a policy on comparisons, against the frozen initial policy",
+    ),
     "ppo": (
         "stable_rlhf.ppo",
         "PPOConfig",

@@ -396,3 +396,51 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+# --------------------------------------------------------------------------- DPO
+#
+# Shapes: B preference pairs. ``policy_chosen`` / ``policy_rejected`` (B,) are log π(y_w | x) and
+# log π(y_l | x), ``ref_chosen`` / ``ref_rejected`` (B,) the same under π_ref: sums over the response
+# tokens (per-token means for IPO, as ``dpo.py`` passes them). With
+#     h = (log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))
+# the implicit reward of a response is r = β·(log π - log π_ref) (Rafailov et al. 2023, eq. 5).
+
+
+def _implicit_reward_stats(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                           ref_rejected: torch.Tensor, beta: float) -> dict:
+    """Means of the implicit rewards, their margin, how often the chosen one is higher (a tie
+    counts as wrong, so a policy still equal to π_ref scores 0), and the policy's log-probabilities
+    (both falling together is the likelihood displacement DPO is known for)."""
+    with torch.no_grad():
+        chosen = beta * (policy_chosen - ref_chosen)  # (B,)
+        rejected = beta * (policy_rejected - ref_rejected)  # (B,)
+        return {"dpo/rewards_chosen": chosen.mean().item(), "dpo/rewards_rejected": rejected.mean().item(),
+                "dpo/margin": (chosen - rejected).mean().item(),
+                "dpo/accuracy": (chosen > rejected).float().mean().item(),
+                "dpo/logps_chosen": policy_chosen.mean().item(), "dpo/logps_rejected": policy_rejected.mean().item()}
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DPO (Rafailov et al. 2023, eq. 7), and with label_smoothing ε > 0 conservative DPO (cDPO,
+    Mitchell 2023: each label is wrong with probability ε), mean over pairs:
+
+        L = -(1 - ε)·log σ(β·h) - ε·log σ(-β·h)"""
+    logits = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,) β·h
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    loss = losses.mean()
+    return loss, {"loss/dpo": loss.item(),
+                  **_implicit_reward_stats(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)}
+
+
+def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """IPO (Azar et al. 2023, eq. 17, with τ = β): h regressed onto 1/(2β) rather than pushed
+    without bound (DPO's optimum is h → ∞ on a pair labelled the same way every time), mean over pairs:
+
+        L = (h - 1/(2β))²"""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # (B,)
+    loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+    return loss, {"loss/ipo": loss.item(),
+                  **_implicit_reward_stats(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)}
