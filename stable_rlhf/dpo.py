@@ -52,16 +52,16 @@ from .io import atomic_write_json
 from .losses import dpo_loss, ipo_loss, logprobs_from_logits
 from .models import position_ids_from_mask
 from .ppo import LoRAConfig
-from .runs import GuardedRunSettings, Run, TrainState, save_policy
-from .sft import DemoBatches, encode_demos
+from .runs import Run, TrainState, save_policy
+from .sft import DemoBatches, FineTuneSettings, encode_demos
 
 REF_CACHE = "ref_logprobs.json"
 
 
 @dataclasses.dataclass
-class DPOConfig(GuardedRunSettings):
-    """``stable-rlhf dpo``: DPO / cDPO / IPO of a policy on comparisons (the run settings come
-    from ``GuardedRunSettings``)."""
+class DPOConfig(FineTuneSettings):
+    """``stable-rlhf dpo``: DPO / cDPO / IPO of a policy on comparisons (the training and run
+    settings come from ``FineTuneSettings``)."""
 
     train_data: str = "data/testbed/preferences_train.jsonl"
     """comparisons to train on (a data spec: path.jsonl, hh:path, hf:name[:split], ...); each
@@ -86,33 +86,18 @@ class DPOConfig(GuardedRunSettings):
     """compute π_ref's log-probabilities of every pair once, before training, and cache them in
     out_dir/ref_logprobs.json; false: a frozen copy of the initial policy (with LoRA: the policy
     with adapters disabled) computes them every step, twice the weights in memory without LoRA"""
-    seed: int = 0
-    """seed for the pair order"""
-    epochs: int = 1
-    """passes over the training pairs"""
-    batch_size: int = 8
-    """pairs per optimiser step (2 x batch_size sequences in one forward pass)"""
     eval_batch_size: int = 16
     """pairs per no-grad forward pass (held-out evaluation and the precomputed reference)"""
     lr: float = 5e-6
-    """peak learning rate (AdamW), linear warm-up then linear decay"""
-    warmup_ratio: float = 0.1
-    """fraction of steps spent warming up"""
-    grad_clip: float = 1.0
-    """max gradient norm"""
-    max_length: int = 512
-    """tokens per (prompt, response) sequence (the prompt is cut from the left first)"""
-    system_prompt: Optional[str] = None
-    """system message in the chat template (use the one the policy will be sampled with)"""
+    """peak learning rate (AdamW), linear warm-up then linear decay (each step sees 2 x
+    batch_size sequences)"""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
-        if self.lr <= 0 or self.beta <= 0:
-            raise ValueError("lr and beta must be > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be >= 1")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
         if self.max_length < 2:
             raise ValueError("max_length must be >= 2 (a prompt token and a response token)")
         if self.loss_type == "cdpo" and not 0 < self.label_smoothing < 0.5:

@@ -444,3 +444,30 @@ def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
     return loss, {"loss/ipo": loss.item(),
                   **_implicit_reward_stats(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)}
+
+
+# --------------------------------------------------------------------------- critic-free estimators
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each of a prompt's k
+    samples is judged against the mean score of the other k - 1. ``scores`` (B,) holds the
+    groups as consecutive blocks of ``group_size``; returns (B,) advantages."""
+    grouped = scores.view(-1, group_size)  # (P, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # (P, k)
+    return (grouped - baseline).reshape(-1)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024): a sample's score minus its group's
+    mean, divided by the group's standard deviation (unbiased, + ``eps``) when
+    ``scale_by_std``. The division weighs prompts whose samples barely differ (all right or
+    all wrong) up, and the per-sequence token mean in the loss favours short answers when
+    the advantage is positive: Dr. GRPO (Liu et al. 2025) drops both; ``scale_by_std=False``
+    is its advantage. ``scores`` (B,) in consecutive blocks; returns (B,)."""
+    grouped = scores.view(-1, group_size)  # (P, k)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (grouped.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)

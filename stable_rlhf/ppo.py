@@ -15,11 +15,13 @@ The InstructGPT objective (docs/methods.md), with the implementation details of
    without an end-of-turn. A
    non-finite score skips the step (``skip_step``), and too many in a row stop the run;
 3. ``forward``, under no_grad, once per rollout: logprobs, reference logprobs and values;
-4. ``gae_advantages``: per-token rewards -β·KL with the score added at the last real
-   token; GAE (γ, λ); whitened advantages. Another estimator (GRPO, RLOO) is another
-   function of the same signature, filling the same fields of the ``Rollout``;
+4. ``estimate_advantages``: ``gae_advantages`` (per-token rewards -β·KL with the score
+   added at the last real token; GAE (γ, λ); whitened advantages), or, with
+   ``advantage.estimator`` rloo or grpo, ``critic_free_advantages`` (each prompt sampled
+   ``group_size`` times; a sample's advantage from the others' scores, at all its tokens;
+   no value model is built);
 5. ``update``: ``ppo_epochs`` passes over shuffled minibatches of ``ppo_loss`` (clipped
-   policy loss, clipped value loss) plus ``nll_mix_loss`` (γ_ptx / γ_R NLL on demonstration
+   policy loss, clipped value loss; critic-free: ``critic_free_loss``) plus ``nll_mix_loss`` (γ_ptx / γ_R NLL on demonstration
    minibatches); an update whose loss or gradient is not finite is skipped and counted;
 6. ``log_step``: the KL controller's update; every stability signal logged;
 7. at eval intervals: gold reward and proxy per task, win/lose/tie against the SFT policy
@@ -51,11 +53,14 @@ from .losses import (
     entropy_from_logits,
     explained_variance,
     gae,
+    group_advantages,
     kl_penalised_rewards,
+    kl_per_token,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     value_loss,
 )
 from .models import free_memory
@@ -109,6 +114,30 @@ class NLLMixConfig:
 
 
 @dataclasses.dataclass
+class AdvantageConfig:
+    """How a rollout's scores become per-token advantages: PPO's GAE against a value model, or
+    a critic-free estimator that compares the samples of one prompt with each other."""
+
+    estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    """gae: per-token rewards and GAE(γ, λ) against a value model; rloo: each sample's score
+    minus the mean of the other samples of its prompt (REINFORCE leave-one-out); grpo: minus
+    its group's mean, over the group's std. rloo and grpo build no value model"""
+    group_size: int = 4
+    """rloo, grpo: samples per prompt; a rollout of batch_size rows is batch_size / group_size
+    prompts, each sampled group_size times"""
+    scale_by_std: bool = True
+    """grpo: divide by the group's standard deviation; False is Dr. GRPO's advantage (the
+    division weighs prompts whose samples barely differ up)"""
+    kl: Literal["reward", "loss"] = "reward"
+    """rloo, grpo: β·KL subtracted from each sample's score before the baseline (RLOO), or a
+    loss term β·mean k3(π, π_ref) over the response tokens (GRPO); gae has it in the rewards"""
+
+    @property
+    def critic_free(self) -> bool:
+        return self.estimator != "gae"
+
+
+@dataclasses.dataclass
 class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     """``stable-rlhf ppo``: PPO with a KL penalty against the initial policy (``prompts``,
     ``model`` and ``reward`` come from ``PolicyTrainerConfig``, the run settings from
@@ -125,7 +154,7 @@ class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     steps: int = 40
     """PPO steps (rollouts)"""
     batch_size: int = 16
-    """prompts per rollout (per process)"""
+    """rollout rows per process: prompts, or prompts x advantage.group_size for rloo and grpo"""
     mini_batch_size: int = 4
     """rollout rows per optimiser step"""
     ppo_epochs: int = 1
@@ -185,6 +214,8 @@ class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     critic_warmup: int = 0
     """the first N rollouts update only the value model (the policy stays put), so the
     advantages of the first policy updates do not come from an untrained critic"""
+    advantage: AdvantageConfig = dataclasses.field(default_factory=AdvantageConfig)
+    """the advantage estimator: gae (PPO's, with a value model), rloo or grpo (critic-free)"""
     value_train_layers: Optional[int] = None
     """train only the value model's top N layers and its head (None: all); saves CPU time"""
     ptx: NLLMixConfig = dataclasses.field(default_factory=NLLMixConfig)
@@ -216,6 +247,16 @@ class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
             raise ValueError("PPO samples its rollouts: generation.temperature must be > 0")
         if self.save_every < 1 or self.keep_checkpoints < 1:
             raise ValueError("save_every and keep_checkpoints must be >= 1")
+        adv = self.advantage
+        if adv.critic_free and (adv.group_size < 2 or self.batch_size % adv.group_size or self.critic_warmup):
+            raise ValueError(f"advantage.estimator={adv.estimator} compares the samples of a prompt: "
+                             f"advantage.group_size ({adv.group_size}) must be >= 2 and divide batch_size "
+                             f"({self.batch_size}), and there is no critic to warm up (critic_warmup 0)")
+
+    @property
+    def prompts_per_rollout(self) -> int:
+        """Prompts per process per rollout: batch_size, over group_size for rloo and grpo."""
+        return self.batch_size // self.advantage.group_size if self.advantage.critic_free else self.batch_size
 
 
 def nll_mixes(cfg: PPOConfig) -> dict[str, NLLMixConfig]:
@@ -268,7 +309,8 @@ class PPOState:
     policy: Any
     """the policy, as ``accelerator.prepare`` returned it (DDP-wrapped under several processes)"""
     value_model: Any
-    """V(x, y_<t): a ``ScoreModel`` read per token, prepared like the policy"""
+    """V(x, y_<t): a ``ScoreModel`` read per token, prepared like the policy; None for a
+    critic-free estimator"""
     reference: Any
     """the frozen initial policy; None with LoRA: the policy with its adapters disabled"""
     tokenizer: Any
@@ -291,10 +333,11 @@ class PPOState:
 
     @property
     def value_module(self):
-        return unwrap(self.value_model)
+        return None if self.value_model is None else unwrap(self.value_model)
 
     def state_dict(self) -> dict:
-        return {"policy": trainable_state(self.policy_module), "value": trainable_state(self.value_module),
+        value = {} if self.value_model is None else {"value": trainable_state(self.value_module)}
+        return {"policy": trainable_state(self.policy_module), **value,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
                 "prompt_stream": self.prompt_stream.state_dict(),
@@ -303,7 +346,8 @@ class PPOState:
 
     def load_state_dict(self, state: dict) -> None:
         load_trainable(self.policy_module, state["policy"], "policy")
-        load_trainable(self.value_module, state["value"], "value")
+        if self.value_model is not None:
+            load_trainable(self.value_module, state["value"], "value")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -334,6 +378,7 @@ class Rollout:
     logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
+    """None for a critic-free estimator"""
     rewards: Optional[torch.Tensor] = None
     """-β·KL per token, plus the score at the last real token"""
     kl: Optional[torch.Tensor] = None
@@ -373,7 +418,7 @@ def train(cfg: PPOConfig) -> dict:
             bar.update(1)
             continue
         forward(run, cfg, state, rollout)  # 3. logprobs, ref_logprobs, values (no grad)
-        gae_advantages(cfg, rollout, state.kl_ctl.value)  # 4. rewards -> advantages, returns
+        estimate_advantages(cfg, rollout, state.kl_ctl.value)  # 4. rewards -> advantages (GAE: returns)
         with timed(rollout.times, "time/update"):  # 5. PPO epochs of minibatches
             update_stats, skipped = update(run, cfg, state, rollout)
         state.step += 1
@@ -409,14 +454,17 @@ def setup(run: Run, cfg: PPOConfig, prompts: list[dict], demos: dict[str, list[d
     RNG), the score source, the optimiser and the streams; returns the state and the score source."""
     policy, reference, tokenizer = _load_policy(run, cfg)
     reward = build_reward(cfg.reward, device=run.device)
-    value_model, value_init = _load_value_model(run, cfg, tokenizer)
+    value_model, value_init = (None, None) if cfg.advantage.critic_free else _load_value_model(run, cfg, tokenizer)
     optimizer, scheduler = _optimizer(cfg, policy, value_model, value_init)
-    policy, value_model, optimizer = run.accelerator.prepare(policy, value_model, optimizer)
+    if value_model is None:
+        policy, optimizer = run.accelerator.prepare(policy, optimizer)
+    else:
+        policy, value_model, optimizer = run.accelerator.prepare(policy, value_model, optimizer)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     state = PPOState(
         policy, value_model, reference, tokenizer, optimizer, scheduler, kl_ctl, RunningMoments(),
-        prompt_stream=DemoBatches(prompts, cfg.batch_size * run.world, cfg.seed),
+        prompt_stream=DemoBatches(prompts, cfg.prompts_per_rollout * run.world, cfg.seed),
         mix_streams={name: DemoBatches(demos[name], mix.batch_size, cfg.seed + 1 + run.rank)
                      for name, mix in nll_mixes(cfg).items()},
         guard=NonFiniteGuard(cfg.max_bad_steps))
@@ -474,15 +522,16 @@ def _same_tokenizer(score_model_dir: str, tokenizer) -> bool:
 
 
 def _optimizer(cfg: PPOConfig, policy, value_model, value_init):
-    """AdamW with three learning rates (policy, value body, value head) and its schedule."""
+    """AdamW with three learning rates (policy, value body, value head; the policy's alone
+    without a value model) and its schedule."""
     from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
-    head_ids = {id(p) for p in value_model.head.parameters()}
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [p for p in value_model.parameters() if p.requires_grad and id(p) not in head_ids],
-               "lr": cfg.value_lr},
-              {"params": list(value_model.head.parameters()),
-               "lr": cfg.value_head_lr or cfg.value_lr}]
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if value_model is not None:
+        head_ids = {id(p) for p in value_model.head.parameters()}
+        groups += [{"params": [p for p in value_model.parameters() if p.requires_grad and id(p) not in head_ids],
+                    "lr": cfg.value_lr},
+                   {"params": list(value_model.head.parameters()), "lr": cfg.value_head_lr or cfg.value_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], eps=1e-5)
     updates_per_step = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     scheduler = (get_constant_schedule(optimizer) if cfg.lr_schedule == "constant"
@@ -497,7 +546,10 @@ def sample_rollout(run: Run, cfg: PPOConfig, state: PPOState) -> Rollout:
     """This rank's slice of the next global batch of prompts, and a response to each (a seed
     per step and rank: ranks sample different responses)."""
     started = time.time()
-    records = state.prompt_stream.next()[run.rank * cfg.batch_size : (run.rank + 1) * cfg.batch_size]
+    n = cfg.prompts_per_rollout
+    records = state.prompt_stream.next()[run.rank * n : (run.rank + 1) * n]
+    if cfg.advantage.critic_free:  # each prompt group_size times, in consecutive blocks
+        records = [r for r in records for _ in range(cfg.advantage.group_size)]
     times: dict[str, float] = {}
     with timed(times, "time/generate"):
         gen = generate(state.policy_module, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
@@ -548,7 +600,7 @@ def halt(run: Run, state: PPOState, what: str) -> NoReturn:
 @torch.no_grad()
 def forward(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> None:
     """Once per rollout, in chunks of ``forward_batch_size`` rows: the policy's logprobs, the
-    reference's and the values, each (B, Tr), zero past the response."""
+    reference's and the values (with a value model), each (B, Tr), zero past the response."""
     gen, temperature, mask = rollout.gen, cfg.generation.temperature, rollout.mask
     policy, value_model = state.policy_module, state.value_module
     with timed(rollout.times, "time/forward"):
@@ -561,9 +613,33 @@ def forward(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> None
                     ref_logprobs.append(response_logprobs(policy, *args, temperature)[0])
             else:
                 ref_logprobs.append(response_logprobs(state.reference, *args, temperature)[0])
-            values.append(response_values(value_model, *args))
+            if value_model is not None:
+                values.append(response_values(value_model, *args))
         rollout.logprobs, rollout.ref_logprobs = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask
-        rollout.values = torch.cat(values) * mask
+        rollout.values = torch.cat(values) * mask if values else None
+
+
+def estimate_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> None:
+    """The configured estimator: GAE against the value model, or RLOO / GRPO."""
+    if cfg.advantage.critic_free:
+        critic_free_advantages(cfg, rollout, kl_coef)
+    else:
+        gae_advantages(cfg, rollout, kl_coef)
+
+
+def critic_free_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> None:
+    """RLOO's or GRPO's: one advantage per sample, from the other samples of its prompt, at
+    every token of it (not whitened). The sequence reward is the score less β·ΣKL
+    (``advantage.kl=reward``), or the score alone with the KL left to the loss."""
+    adv = cfg.advantage
+    rollout.rewards, rollout.kl = kl_penalised_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs,
+                                                       rollout.mask, kl_coef, cfg.kl_estimator)
+    seq_rewards = rollout.rewards.sum(-1) if adv.kl == "reward" else rollout.scores  # (B,)
+    if adv.estimator == "rloo":
+        seq_advantages = rloo_advantages(seq_rewards, adv.group_size)
+    else:
+        seq_advantages = group_advantages(seq_rewards, adv.group_size, adv.scale_by_std)
+    rollout.advantages = seq_advantages[:, None] * rollout.mask  # (B, Tr)
 
 
 def gae_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> None:
@@ -581,7 +657,8 @@ def update(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> tuple
     During the critic warm-up only the value model trains: the policy is neither run nor
     stepped, and no NLL term is mixed in."""
     state.policy.eval()
-    state.value_model.eval()
+    if state.value_model is not None:
+        state.value_model.eval()
     warmup = state.step < cfg.critic_warmup
     mixes = {} if warmup else nll_mixes(cfg)
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
@@ -612,10 +689,12 @@ def update(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> tuple
 
 def ppo_loss(cfg: PPOConfig, state: PPOState, rollout: Rollout, mb: torch.Tensor, warmup: bool):
     """The clipped value loss of minibatch ``mb`` (row indices) and, after the critic warm-up,
-    the clipped policy loss: (loss, stats)."""
+    the clipped policy loss: (loss, stats). Critic-free: the policy loss (and the KL term)."""
     gen = rollout.gen
     mb_args = (gen.query_ids[mb], gen.query_mask[mb], gen.response_ids[mb], gen.response_mask[mb])
     mb_mask = rollout.mask[mb]
+    if state.value_model is None:
+        return critic_free_loss(cfg, state, rollout, mb, mb_args)
     mb_values = response_values(state.value_model, *mb_args)
     vf_loss, vf_stats = value_loss(mb_values, rollout.values[mb], rollout.returns[mb], mb_mask, cfg.cliprange_value)
     if warmup:
@@ -625,6 +704,20 @@ def ppo_loss(cfg: PPOConfig, state: PPOState, rollout: Rollout, mb: torch.Tensor
     pg_loss, pg_stats = policy_loss(mb_logprobs, rollout.logprobs[mb], rollout.advantages[mb], mb_mask, cfg.cliprange)
     loss = pg_loss + cfg.vf_coef * vf_loss
     return loss, {**pg_stats, **vf_stats, "policy/entropy": masked_mean(mb_entropy, mb_mask).item()}
+
+
+def critic_free_loss(cfg: PPOConfig, state: PPOState, rollout: Rollout, mb: torch.Tensor, mb_args: tuple):
+    """RLOO / GRPO: the clipped policy loss (a token mean over the minibatch, no per-sequence
+    length normalisation) plus, with ``advantage.kl=loss``, β · the mean k3 KL to the reference."""
+    mb_mask = rollout.mask[mb]
+    mb_logprobs, mb_entropy = response_logprobs(state.policy, *mb_args, cfg.generation.temperature,
+                                                with_entropy=True)
+    loss, stats = policy_loss(mb_logprobs, rollout.logprobs[mb], rollout.advantages[mb], mb_mask, cfg.cliprange)
+    if cfg.advantage.kl == "loss":
+        kl = masked_mean(kl_per_token(mb_logprobs, rollout.ref_logprobs[mb], "k3"), mb_mask)
+        loss = loss + state.kl_ctl.value * kl
+        stats["loss/kl"] = kl.item()
+    return loss, {**stats, "policy/entropy": masked_mean(mb_entropy, mb_mask).item()}
 
 
 def nll_mix_loss(run: Run, state: PPOState, name: str, mix: NLLMixConfig, system_prompt: Optional[str],
@@ -661,11 +754,12 @@ def log_step(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, update
              "objective/kl": gather(seq_kl).mean().item(),
              "objective/non_score_reward": gather((rollout.rewards.sum(-1) - scores)).mean().item(),
              "objective/kl_coef": state.kl_ctl.value,
-             "value/explained_variance": explained_variance(rollout.values, rollout.returns, mask),
-             "value/mean": masked_mean(rollout.values, mask).item(),
              "policy/response_tokens": mask.sum(-1).float().mean().item(),
              "policy/truncated": rollout.gen.truncated.float().mean().item(),
              "skipped_updates": skipped}
+    if rollout.values is not None:
+        stats["value/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
+        stats["value/mean"] = masked_mean(rollout.values, mask).item()
     for task in sorted({r["task"] for r in rollout.records}):
         idx = [i for i, r in enumerate(rollout.records) if r["task"] == task]
         stats[f"score/{task}/mean"] = rollout.raw_scores[idx].mean().item()

@@ -123,22 +123,17 @@ class DemoBatches:
 
 
 @dataclasses.dataclass
-class SFTConfig(GuardedRunSettings):
-    """``stable-rlhf sft``: NLL fine-tuning of a causal LM on demonstrations (the run settings
-    come from ``GuardedRunSettings``)."""
+class FineTuneSettings(GuardedRunSettings):
+    """What every epoch trainer of a policy on (prompt, response) text reads (``sft``, ``dpo``):
+    the data order, the optimiser's schedule and the encoding; the run settings come from
+    ``GuardedRunSettings``."""
 
-    data: str = "data/testbed/sft_demos.jsonl"
-    """demonstrations ({prompt, response} records; a data spec: path.jsonl, hf:name, ...)"""
-    out_dir: str = "runs/sft"
-    """run directory; the fine-tuned policy is saved in out_dir/model"""
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """the policy to fine-tune"""
     seed: int = 0
     """seed for the data order"""
     epochs: int = 1
-    """passes over the demonstrations"""
+    """passes over the training data"""
     batch_size: int = 8
-    """demonstrations per optimiser step"""
+    """examples per optimiser step (demonstrations for sft, pairs for dpo)"""
     lr: float = 1e-5
     """peak learning rate (AdamW), linear warm-up then linear decay"""
     warmup_ratio: float = 0.1
@@ -146,7 +141,7 @@ class SFTConfig(GuardedRunSettings):
     grad_clip: float = 1.0
     """max gradient norm"""
     max_length: int = 512
-    """tokens per demonstration (prompt cut from the left first)"""
+    """tokens per (prompt, response) sequence (the prompt is cut from the left first)"""
     system_prompt: Optional[str] = None
     """system message in the chat template (use the one the policy will be sampled with)"""
 
@@ -156,6 +151,21 @@ class SFTConfig(GuardedRunSettings):
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class SFTConfig(FineTuneSettings):
+    """``stable-rlhf sft``: NLL fine-tuning of a causal LM on demonstrations (the training and
+    run settings come from ``FineTuneSettings``)."""
+
+    data: str = "data/testbed/sft_demos.jsonl"
+    """demonstrations ({prompt, response} records; a data spec: path.jsonl, hf:name, ...)"""
+    out_dir: str = "runs/sft"
+    """run directory; the fine-tuned policy is saved in out_dir/model"""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """the policy to fine-tune"""
 
 
 def nll_step(state: TrainState, rows: list[dict], tokenizer, cfg: SFTConfig) -> None:

@@ -269,3 +269,37 @@ def test_wandb_without_the_package_is_refused_before_any_model_loads(tmp_path, c
     assert main(["ppo", *overrides(tmp_path / "run"), "log_with=wandb"]) == 2
     assert "wandb package" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no run directory, no accelerator
+
+
+@pytest.mark.parametrize("estimator,kl", [("rloo", "reward"), ("grpo", "loss")])
+def test_critic_free_estimators_train_without_a_value_model(tmp_path, estimator, kl):
+    out = tmp_path / estimator
+    summary = run(out, "steps=2", "save_every=1", "eval.every=2", f"advantage.estimator={estimator}",
+                  "advantage.group_size=4", f"advantage.kl={kl}", "kl_coef=0.1")
+    assert summary["steps"] == 2
+    state = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)
+    assert "value" not in state  # no value model was built
+    assert len(state["optimizer"]["param_groups"]) == 1
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
+    assert "value/explained_variance" not in rows[0] and "loss/value" not in rows[0]
+    assert ("loss/kl" in rows[1]) == (kl == "loss")
+    # 8 rows per rollout = 2 prompts x 4 samples: each prompt's samples come in one block
+    samples = read_jsonl(out / "metrics.jsonl")
+    assert rows[0]["policy/response_tokens"] > 0 and samples
+    with pytest.raises(ValueError, match="group_size"):
+        ppo.PPOConfig(batch_size=6, mini_batch_size=2, advantage=ppo.AdvantageConfig(estimator="grpo", group_size=4))
+
+
+def test_critic_free_rollouts_sample_each_prompt_group_size_times(tmp_path, monkeypatch):
+    seen = []
+    real = ppo.generate
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "generate", spy)
+    run(tmp_path / "groups", "steps=1", "eval.every=1", "advantage.estimator=rloo", "advantage.group_size=4")
+    prompts = seen[0]
+    assert len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
+    assert prompts[0] != prompts[4]

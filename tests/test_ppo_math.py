@@ -13,6 +13,7 @@ from stable_rlhf.losses import (
     entropy_from_logits,
     explained_variance,
     gae,
+    group_advantages,
     kl_penalised_rewards,
     kl_per_token,
     logprobs_from_logits,
@@ -21,6 +22,7 @@ from stable_rlhf.losses import (
     masked_whiten,
     nll_loss,
     policy_loss,
+    rloo_advantages,
     value_loss,
 )
 
@@ -391,3 +393,37 @@ def test_running_moments_match_numpy_over_everything_seen():
     more = torch.randn(5, generator=g, dtype=torch.float64)
     rm.update(more), restored.update(more)
     assert (restored.mean, restored.var, restored.count) == (rm.mean, rm.var, rm.count)
+
+
+# ------------------------------------------------------------ critic-free estimators
+
+
+def test_rloo_baseline_is_the_leave_one_out_mean_of_a_loop():
+    scores = t([1.0, 2.0, 6.0, -1.0, 0.5, 0.5, 3.0, 1.0])  # two prompts, 4 samples each
+    got = rloo_advantages(scores, 4)
+    want = []
+    for g in range(2):
+        block = scores[4 * g : 4 * g + 4].tolist()
+        for i, s in enumerate(block):
+            others = [x for j, x in enumerate(block) if j != i]
+            want.append(s - sum(others) / len(others))
+    assert got.tolist() == pytest.approx(want)
+    # the leave-one-out advantages of a group sum to zero, and k/(k-1) of the plain centring
+    assert got.view(2, 4).sum(-1).tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert got.tolist() == pytest.approx((4 / 3 * group_advantages(scores, 4, scale_by_std=False)).tolist())
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_grpo_advantages_are_a_loops_group_normalisation(scale_by_std):
+    scores = t([0.0, 1.0, 1.0, 3.0, 2.0, 2.0])  # two prompts, 3 samples each
+    got = group_advantages(scores, 3, scale_by_std=scale_by_std, eps=1e-4)
+    want = []
+    for g in range(2):
+        block = scores[3 * g : 3 * g + 3].tolist()
+        mean = sum(block) / 3
+        std = math.sqrt(sum((x - mean) ** 2 for x in block) / 2)  # unbiased, as torch.std
+        want += [(x - mean) / (std + 1e-4) if scale_by_std else x - mean for x in block]
+    assert got.tolist() == pytest.approx(want)
+    # a group whose samples all score the same gives no signal (and no division by zero)
+    flat = group_advantages(t([2.0, 2.0, 2.0]), 3)
+    assert flat.tolist() == [0.0, 0.0, 0.0]
