@@ -11,7 +11,8 @@ Reads ``ablation.json`` (the index ``stable-rlhf ablation`` writes), each arm's
 - ``reliability.png``: reliability diagrams of the RM, the AM and the per-task RM;
 - ``win_lose_tie.png``: win/lose/tie against the SFT policy per arm (mean over seeds);
 - ``gold_vs_kl.png`` / ``proxy_vs_kl.png``: the gold reward and the optimised (proxy) score
-  at every eval point against the KL of the rollout of that step (over-optimisation curves);
+  at every eval point against the KL of the rollout of that step (over-optimisation curves;
+  an arm without rollouts, DPO, at the KL measured on its eval answers);
 - ``forgetting.png``: forgetting-set win rate against the SFT policy over training (Figure 1b);
 - ``reward_curves.png``: eval gold reward and the training score over steps.
 
@@ -76,9 +77,11 @@ def eval_series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def kl_at(metrics: list[dict], step: int) -> float | None:
-    """The KL of the rollout at ``step`` (the last training step at or before it; 0 at step 0);
-    None for a trainer that logs no KL (rejection sampling)."""
-    kl = [(r["step"], r["objective/kl"]) for r in metrics if "objective/kl" in r]
+    """The KL of the rollout at ``step`` (the last training step at or before it; 0 at step 0),
+    or for a run without rollouts (DPO) the KL its eval points measured on their answers
+    (``eval/kl``); None for a run that logs neither (rejection sampling)."""
+    kl = ([(r["step"], r["objective/kl"]) for r in metrics if "objective/kl" in r]
+          or [(r["step"], r["eval/kl"]) for r in metrics if r.get("eval/kl") is not None])
     if step == 0:
         return 0.0
     if not kl:
@@ -175,7 +178,10 @@ def findings(index: dict, t2: dict, ref_gold: float | None) -> list[str]:
         lines.append("; ".join(parts) + ".")
     pairs = [("am-ppo", "rm-ppo", "win", "AM-PPO − RM-PPO win rate"),
              ("am-ppo-sr", "am-ppo", "forget_win", "AM-PPO-SR − AM-PPO forgetting-set win rate"),
-             ("am-ppo-sr", "am-ppo-random-rehearsal", "win", "AM-PPO-SR − AM-PPO random rehearsal win rate")]
+             ("am-ppo-sr", "am-ppo-random-rehearsal", "win", "AM-PPO-SR − AM-PPO random rehearsal win rate"),
+             ("grpo-am", "am-ppo", "win", "GRPO (AM) − AM-PPO win rate"),
+             ("rloo-rm", "rm-ppo", "win", "RLOO (RM) − RM-PPO win rate"),
+             ("dpo", "rm-ppo", "win", "DPO − RM-PPO win rate")]
     for a, b, key, text in pairs:
         if a in t2 and b in t2:
             sa, sb = index["arms"][a]["seeds"], index["arms"][b]["seeds"]
@@ -383,8 +389,11 @@ def build_report(out: Path) -> Path:
         ("h2", "Table 2: win / lose / tie against the SFT policy, judged by the gold reward"),
         ("p", "gold: mean over tasks of the range-normalised gold reward of the final policy's eval answers"
               + (f" (the SFT reference answers: {ref_gold:.4f})" if ref_gold is not None else "")
-              + "; KL: the last rollout's mean KL(π ‖ π_SFT) per response; the SFT arm is the SFT policy "
-                "resampled with another seed: the win/lose/tie of sampling luck alone."),
+              + "; KL: the last rollout's mean KL(π ‖ π_SFT) per response (DPO, which has no rollouts: the "
+                "same estimate on its eval answers; n/a where neither exists); proxy: the eval answers' mean "
+                "score by the arm's score model (DPO: the model named by its score, which it does not optimise); "
+                "the SFT arm is the SFT policy resampled with another seed: the win/lose/tie of sampling luck "
+                "alone."),
         ("table", (t2_head, t2_rows)),
         ("h2", "Gold reward per task (final eval: each task's raw gold scale; all: the normalised mean)"),
         ("table", (gold_head, gold_rows)),
@@ -401,7 +410,8 @@ def build_report(out: Path) -> Path:
         "gold_vs_kl": "Gold reward against the KL from the SFT policy, every eval point of every seed.",
         "degenerate_vs_kl": "Share of degenerate eval answers against the KL from the SFT policy: over-optimisation "
                             "that games the proxy with garbage shows here first.",
-        "proxy_vs_kl": "The optimised (proxy) score against KL, one panel per arm (proxies differ in scale).",
+        "proxy_vs_kl": "The optimised (proxy) score against KL, one panel per arm (proxies differ in scale; DPO "
+                       "optimises no score model: its panel shows the score model it is evaluated with).",
         "forgetting": "Forgetting-set win and lose rates against the SFT policy over training (Figure 1b).",
         "reward_curves": "Eval gold reward and eval proxy score over training (mean ± std over seeds).",
     }

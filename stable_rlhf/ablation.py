@@ -20,6 +20,13 @@ Arms (``out_dir/arms/<name>/seed<N>/``) are named in the config; each is one of
                          mix (``ptx``) or rehearsal on a selector's D_R (``rehearsal``: the arm's
                          PPO prompts are then that selector's D_PPO)
     rejection-sampling   best-of-n fine-tuning on ``score``
+    dpo                  DPO (``dpo`` section) on the comparisons the RM and AM train on (``score.train_data``
+                         / ``eval_data``), from the same SFT policy, in ``<arm>/seed<N>/train/``; then the
+                         trained policy evaluated like every arm's final eval point (``final_eval``), with
+                         ``score``'s model as the proxy (gold: none)
+
+A PPO arm's ``estimator`` (gae | rloo | grpo) sets ``ppo.advantage.estimator``: rloo and grpo are
+the critic-free estimators (each prompt sampled ``advantage.group_size`` times; no value model).
 
 ``build_plan(cfg)`` turns the config into a ``Plan``: the stages in the order they run, each
 with its name (``shared/rm``, ``arms/am-ppo/seed0``: its directory under out_dir), its built and
@@ -42,6 +49,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .config import ConfigError, ModelConfig, build_config, save_config, to_dict, yaml_load
+from .dpo import DPOConfig
+from .final_eval import FinalEvalConfig
 from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .policy_eval import EvalConfig, final_metrics, per_task_final
 from .ppo import NLLMixConfig, PPOConfig
@@ -57,10 +66,13 @@ SCORES = ("gold", "rm", "am", "rm-pertask")
 class ArmConfig:
     """One arm of the ablation."""
 
-    kind: Literal["sft", "ppo", "rejection-sampling"] = "ppo"
-    """sft (the SFT policy, resampled), ppo or rejection-sampling"""
+    kind: Literal["sft", "ppo", "rejection-sampling", "dpo"] = "ppo"
+    """sft (the SFT policy, resampled), ppo, rejection-sampling or dpo"""
     score: Literal["gold", "rm", "am", "rm-pertask"] = "am"
-    """the score the trainer optimises (the shared RM / AM)"""
+    """the score the trainer optimises (the shared RM / AM); dpo optimises none: its eval proxy"""
+    estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    """PPO only: ppo.advantage.estimator, gae (PPO with a value model) or the critic-free rloo / grpo
+    (each prompt sampled ppo.advantage.group_size times, which must divide ppo.batch_size)"""
     rehearsal: Literal["none", "clustered", "random", "global_topk"] = "none"
     """PPO only: rehearse the D_R of this selector (γ_R = ppo.rehearsal.coef) and train on its D_PPO"""
     ptx: bool = False
@@ -68,17 +80,23 @@ class ArmConfig:
     label: Optional[str] = None
     """name in the report (default: the arm's key)"""
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """trainer settings of this arm only, as a nested mapping over the ppo / rejection_sampling section"""
+    """trainer settings of this arm only, as a nested mapping over the ppo / rejection_sampling / dpo section"""
 
     def __post_init__(self):
         if self.kind != "ppo" and (self.rehearsal != "none" or self.ptx):
             raise ValueError(f"rehearsal and ptx are PPO options; this arm is kind={self.kind}")
+        if self.kind != "ppo" and self.estimator != "gae":
+            raise ValueError(f"estimator is a PPO option (rloo and grpo are PPO estimators); "
+                             f"this arm is kind={self.kind}")
+        if "estimator" in self.overrides.get("advantage", {}):
+            raise ValueError("set an arm's advantage estimator with its estimator field, not overrides")
         if self.kind == "sft" and self.overrides:
             raise ValueError("the sft arm trains nothing: overrides do not apply")
 
 
 def default_arms() -> dict[str, ArmConfig]:
-    """The paper's ablation (docs/methods.md), plus rejection sampling and the gold oracle."""
+    """The paper's ablation (docs/methods.md), plus rejection sampling, the gold oracle, the
+    critic-free RLOO and GRPO (GRPO with its KL as a loss term, as DeepSeekMath's) and DPO."""
     return {
         "sft": ArmConfig(kind="sft", label="SFT"),
         "rejection-sampling": ArmConfig(kind="rejection-sampling", score="rm", label="RS (RM)"),
@@ -89,6 +107,10 @@ def default_arms() -> dict[str, ArmConfig]:
         "am-ppo-sr": ArmConfig(score="am", rehearsal="clustered", label="AM-PPO-SR"),
         "am-ppo-random-rehearsal": ArmConfig(score="am", rehearsal="random", label="AM-PPO random rehearsal"),
         "gold-ppo": ArmConfig(score="gold", label="gold-PPO (oracle)"),
+        "rloo-rm": ArmConfig(score="rm", estimator="rloo", label="RLOO (RM)"),
+        "grpo-rm": ArmConfig(score="rm", estimator="grpo", overrides={"advantage": {"kl": "loss"}}, label="GRPO (RM)"),
+        "grpo-am": ArmConfig(score="am", estimator="grpo", overrides={"advantage": {"kl": "loss"}}, label="GRPO (AM)"),
+        "dpo": ArmConfig(kind="dpo", score="rm", label="DPO"),
     }
 
 
@@ -129,6 +151,9 @@ class AblationConfig:
     """the PTX term of arms with ptx: true"""
     rejection_sampling: RejectionSamplingConfig = dataclasses.field(default_factory=RejectionSamplingConfig)
     """rejection-sampling settings shared by its arms"""
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    """DPO settings shared by the DPO arms (train_data, eval_data and data_kind are the score section's;
+    model, seed and out_dir are set per arm)"""
 
     def __post_init__(self):
         if not self.seeds:
@@ -140,6 +165,9 @@ class AblationConfig:
             raise ValueError(f"run_arms names unknown arm(s) {unknown} (known: {', '.join(self.arms)})")
         if self.prompts_per_task is not None and self.prompts_per_task < 1:
             raise ValueError("prompts_per_task must be >= 1 (or null for all)")
+        if self.ppo.advantage.estimator != "gae":
+            raise ValueError("ppo.advantage.estimator: each arm names its estimator (arms.<name>.estimator: "
+                             "gae | rloo | grpo); the ppo section's must stay gae")
         for name in self.arms:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"arm name {name!r}: use letters, digits, '-' and '_' (it names a directory)")
@@ -164,7 +192,7 @@ class Stage:
     name: str
     """``shared/rm``, ``arms/am-ppo/seed0``, ...: its directory under out_dir and its key in timings.json"""
     kind: str
-    """pool | score | rm-pertask | reference | select | sft | ppo | rejection-sampling"""
+    """pool | score | rm-pertask | reference | select | sft | ppo | rejection-sampling | dpo | final-eval"""
     out: Path
     """the directory it writes (the pool: its file)"""
     config: Any = None
@@ -297,9 +325,30 @@ def select_stage(cfg: AblationConfig, strategy: str) -> Stage:
                  ("selection_report.json",))
 
 
+def dpo_config(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int) -> DPOConfig:
+    """A DPO arm's trainer at one seed: the dpo section on the score models' comparisons, from the
+    SFT policy, into the arm's train/ directory, then the arm's overrides."""
+    score = cfg.score
+    data = deep_merge(to_dict(cfg.dpo), {
+        "model": to_dict(cfg.model), "seed": seed, "resume": False,
+        "out_dir": str(Path(cfg.out_dir) / arm_stage_name(name, seed) / "train"),
+        "train_data": score.train_data, "eval_data": score.eval_data, "data_kind": score.data_kind})
+    return build_config(DPOConfig, deep_merge(data, arm.overrides), f"arms.{name}: ")
+
+
+def final_eval_config(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int) -> FinalEvalConfig:
+    """The evaluation of a DPO arm's trained policy: the PPO arms' eval settings and seed, the SFT
+    reference answers, ``score``'s model as the proxy with the ppo section's reward settings."""
+    out = Path(cfg.out_dir) / arm_stage_name(name, seed)
+    reward = deep_merge(to_dict(cfg.ppo.reward), {"source": arm.score, "path": model_path(cfg, arm.score)})
+    return build_config(FinalEvalConfig, {"run_dir": str(out / "train"), "out_dir": str(out),
+                                          "model": to_dict(cfg.model), "reward": reward, "eval": eval_config(cfg)},
+                        f"arms.{name}: ")
+
+
 def trainer_config(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int):
     """The PPO or rejection-sampling config of one arm and seed: the shared sections, this arm's
-    score, PPO prompts, ptx and rehearsal data, then the arm's own overrides."""
+    score, PPO prompts, ptx and rehearsal data and advantage estimator, then the arm's own overrides."""
     common = {"model": to_dict(cfg.model), "eval": eval_config(cfg), "seed": seed, "resume": False,
               "out_dir": str(Path(cfg.out_dir) / arm_stage_name(name, seed)),
               "prompts": str(Path(cfg.out_dir) / POOL_FILE),
@@ -312,6 +361,7 @@ def trainer_config(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int):
     data = deep_merge(to_dict(cfg.ppo), common)
     data["ptx"] = to_dict(cfg.ptx) if arm.ptx else {**data["ptx"], "data": None}
     data["rehearsal"] = {**data["rehearsal"], "data": None}
+    data["advantage"] = {**data["advantage"], "estimator": arm.estimator}
     if arm.rehearsal != "none":  # rehearse the selector's D_R, train on its D_PPO
         selection = Path(cfg.out_dir) / "shared" / f"select-{arm.rehearsal}"
         data["prompts"] = str(selection / "ppo_prompts.jsonl")
@@ -319,16 +369,21 @@ def trainer_config(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int):
     return build_config(PPOConfig, deep_merge(data, arm.overrides), f"arms.{name}: ")
 
 
-def arm_stage(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int) -> Stage:
-    """One arm at one seed; the sft arm resamples the SFT policy with eval seed + 1 + seed."""
+def arm_stages(cfg: AblationConfig, name: str, arm: ArmConfig, seed: int) -> list[Stage]:
+    """One arm at one seed; the sft arm resamples the SFT policy with eval seed + 1 + seed; a dpo arm
+    is two stages, DPO (``<arm>/seed<N>/train``) and its evaluation (``<arm>/seed<N>``)."""
     stage = arm_stage_name(name, seed)
     out = Path(cfg.out_dir) / stage
     if arm.kind == "sft":
         config = build_config(EvalConfig, eval_config(cfg, seed_offset=1 + seed), "eval.")
-        return Stage(stage, "sft", out, config, (REFERENCE,), ("summary.json",))
+        return [Stage(stage, "sft", out, config, (REFERENCE,), ("summary.json",))]
+    if arm.kind == "dpo":
+        inputs = tuple(i for i in (f"{stage}/train", SCORE_STAGE[arm.score], REFERENCE) if i is not None)
+        return [Stage(f"{stage}/train", "dpo", out / "train", dpo_config(cfg, name, arm, seed), (), ("summary.json",)),
+                Stage(stage, "final-eval", out, final_eval_config(cfg, name, arm, seed), inputs, ("summary.json",))]
     prompts = POOL if arm.rehearsal == "none" else f"shared/select-{arm.rehearsal}"
     inputs = tuple(i for i in (prompts, SCORE_STAGE[arm.score], REFERENCE) if i is not None)
-    return Stage(stage, arm.kind, out, trainer_config(cfg, name, arm, seed), inputs, ("summary.json",))
+    return [Stage(stage, arm.kind, out, trainer_config(cfg, name, arm, seed), inputs, ("summary.json",))]
 
 
 def build_plan(cfg: AblationConfig) -> Plan:
@@ -349,16 +404,17 @@ def build_plan(cfg: AblationConfig) -> Plan:
     if need["select"]:
         strategies = sorted({a.rehearsal for a in arms.values()} - {"none", "clustered"})
         stages += [select_stage(cfg, strategy) for strategy in ("clustered", *strategies)]
-    stages += [arm_stage(cfg, name, arm, seed) for seed in cfg.seeds for name, arm in arms.items()]
+    stages += [stage for seed in cfg.seeds for name, arm in arms.items() for stage in arm_stages(cfg, name, arm, seed)]
     return Plan(cfg, stages)
 
 
 # --------------------------------------------------------------------------- runner
 
 
-TRAINERS = {"score": "reward_model", "select": "selection", "ppo": "ppo", "rejection-sampling": "rejection_sampling"}
+TRAINERS = {"score": "reward_model", "select": "selection", "ppo": "ppo", "rejection-sampling": "rejection_sampling",
+            "dpo": "dpo", "final-eval": "final_eval"}
 """The module whose ``train(cfg)`` runs a stage of this kind."""
-CHECKPOINTS = {"score": "checkpoint", "ppo": "checkpoints", "rejection-sampling": "checkpoints"}
+CHECKPOINTS = {"score": "checkpoint", "ppo": "checkpoints", "rejection-sampling": "checkpoints", "dpo": "checkpoints"}
 """Where a trainer keeps its checkpoints: a stage that has them was interrupted and resumes."""
 
 
@@ -381,7 +437,7 @@ def check_inputs(plan: Plan) -> None:
         load_records(cfg.eval.forget_prompts, "prompt", check=gold_record_problem)
     files: list[tuple[str, str]] = []  # (path, record kind) of the trainers' data
     for stage in plan.stages:
-        if stage.kind == "score":
+        if stage.kind in ("score", "dpo"):  # the comparisons
             kind = stage.config.data_kind
             files += [(stage.config.train_data, kind), (stage.config.eval_data, kind)]
         elif stage.kind == "ppo" and stage.config.ptx.data:
@@ -468,7 +524,8 @@ def sft_arm(plan: Plan, stage: Stage) -> None:
 
 
 RUNNERS = {"pool": write_pool, "score": train_stage, "rm-pertask": per_task_rm, "reference": eval_reference,
-           "select": train_stage, "sft": sft_arm, "ppo": train_stage, "rejection-sampling": train_stage}
+           "select": train_stage, "sft": sft_arm, "ppo": train_stage, "rejection-sampling": train_stage,
+           "dpo": train_stage, "final-eval": train_stage}
 """How each kind of stage runs: ``runner(plan, stage)``."""
 
 
@@ -498,7 +555,8 @@ def ablation_index(plan: Plan) -> dict:
         "seeds": plan.cfg.seeds,
         "arms": {name: {"label": arm.label or name, "kind": arm.kind,
                         "score": None if arm.kind == "sft" else arm.score, "rehearsal": arm.rehearsal,
-                        "ptx": arm.ptx, "runs": {str(s): arm_stage_name(name, s) for s in plan.cfg.seeds}}
+                        "ptx": arm.ptx, "estimator": arm.estimator if arm.kind == "ppo" else None,
+                        "runs": {str(s): arm_stage_name(name, s) for s in plan.cfg.seeds}}
                  for name, arm in plan.arms.items()},
         "shared": {key: f"shared/{key}" for key in shared
                    if key == "eval_reference" or any((plan.out / "shared" / key / marker).exists()

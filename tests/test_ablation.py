@@ -2,6 +2,7 @@
 without training, then the runner end to end on tiny models: finished runs skipped, bad configs
 refused before training, and the report filled from the run directories."""
 
+import dataclasses
 import json
 import os
 
@@ -300,3 +301,152 @@ def test_finished_stages_keep_their_results_but_not_their_checkpoints(ablation):
     assert len(runs) >= 2 * len(ARMS)
     for run_dir in runs:
         assert (run_dir / "summary.json").exists() and not (run_dir / "checkpoints").exists(), run_dir
+
+
+# --------------------------------------------------------------------------- DPO, RLOO and GRPO arms
+
+NEW_ARMS = ["dpo", "grpo-am"]
+
+
+def test_plan_wires_dpo_rloo_and_grpo_arms(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "run_arms=[dpo, rloo-rm, grpo-rm, grpo-am, rm-ppo]")
+    plan = build_plan(cfg)
+    names = [s.name for s in plan.stages]
+    assert names[-12:] == [f"arms/{a}/seed{s}" + ("/train" if i == 0 else "") for s in (0, 1)
+                           for i, a in enumerate(("dpo", "dpo", "rloo-rm", "grpo-rm", "grpo-am", "rm-ppo"))]
+    assert shared_stages(tmp_path, ["dpo"]) == ["shared/prompt_pool", "shared/rm", "shared/rm-pertask",
+                                                "shared/eval_reference"]  # its proxy is the RM
+    assert shared_stages(tmp_path, ["dpo"], "arms.dpo.score=gold") == ["shared/prompt_pool", "shared/eval_reference"]
+    # DPO: the score models' comparisons, the SFT policy, the arm's seed, in train/; then the evaluation
+    train, ev = plan["arms/dpo/seed1/train"], plan["arms/dpo/seed1"]
+    assert train.kind == "dpo" and train.inputs == () and train.out == out / "arms" / "dpo" / "seed1" / "train"
+    assert (train.config.train_data, train.config.eval_data) == (cfg.score.train_data, cfg.score.eval_data)
+    assert train.config.model == cfg.model and train.config.seed == 1 and train.config.out_dir == str(train.out)
+    assert train.config.beta == cfg.dpo.beta and train.config.loss_type == "dpo"
+    assert ev.kind == "final-eval" and ev.inputs == ("arms/dpo/seed1/train", "shared/rm", "shared/eval_reference")
+    assert ev.config.run_dir == str(train.out) and ev.config.out_dir == str(out / "arms" / "dpo" / "seed1")
+    assert ev.config.reward.source == "rm" and ev.config.reward.path == str(plan["shared/rm"].out / "model")
+    ppo = plan["arms/rm-ppo/seed1"].config
+    assert ev.config.eval == ppo.eval and ev.config.model == ppo.model  # evaluated like a PPO arm
+    # RLOO / GRPO: PPO with the arm's estimator; GRPO's KL is a loss term; the others stay gae
+    rloo, grpo_rm, grpo_am = (plan[f"arms/{a}/seed0"].config for a in ("rloo-rm", "grpo-rm", "grpo-am"))
+    assert (rloo.advantage.estimator, rloo.advantage.kl) == ("rloo", "reward")
+    assert (grpo_rm.advantage.estimator, grpo_rm.advantage.kl, grpo_am.advantage.estimator) == ("grpo", "loss", "grpo")
+    assert grpo_am.reward.source == "am" and grpo_rm.reward.source == "rm" and grpo_am.advantage.group_size == 4
+    assert ppo.advantage.estimator == "gae" and plan["arms/grpo-am/seed0"].inputs[1] == "shared/am"
+    over = build_plan(tiny_config(out, "run_arms=[dpo, grpo-am]", "dpo.beta=0.3", "arms.dpo.overrides={epochs: 3}",
+                                  "arms.grpo-am.overrides={advantage: {group_size: 2}}"))
+    assert over["arms/dpo/seed0/train"].config.beta == 0.3 and over["arms/dpo/seed0/train"].config.epochs == 3
+    assert over["arms/grpo-am/seed0"].config.advantage.group_size == 2
+    assert not out.exists()
+
+
+def test_bad_dpo_and_estimator_arms_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="estimator is a PPO option"):
+        tiny_config(tmp_path / "a", "arms.x.kind=dpo", "arms.x.estimator=grpo")
+    with pytest.raises(ConfigError, match="rehearsal and ptx are PPO options"):
+        tiny_config(tmp_path / "b", "arms.x.kind=dpo", "arms.x.rehearsal=clustered")
+    with pytest.raises(ConfigError, match="with its estimator field, not overrides"):
+        tiny_config(tmp_path / "c", "arms.x.overrides={advantage: {estimator: rloo}}")
+    with pytest.raises(ConfigError, match="ppo.advantage.estimator: each arm names its estimator"):
+        tiny_config(tmp_path / "d", "ppo.advantage.estimator=grpo")
+    with pytest.raises(ConfigError, match="arms.grpo-am: .*group_size"):  # 4 rows cannot be groups of 3
+        build_plan(tiny_config(tmp_path / "e", "run_arms=[grpo-am]",
+                               "arms.grpo-am.overrides={advantage: {group_size: 3}}"))
+    with pytest.raises(ConfigError, match="arms.dpo: .*beta"):
+        build_plan(tiny_config(tmp_path / "f", "run_arms=[dpo]", "arms.dpo.overrides={beta: 0}"))
+
+
+@pytest.fixture(scope="module")
+def new_arms(tmp_path_factory):
+    """One seed of a DPO arm and a GRPO (AM) arm, on 24 / 12 of the testbed's comparisons."""
+    root = tmp_path_factory.mktemp("new-arms")
+    for split, n in (("train", 24), ("eval", 12)):  # the files interleave the six tasks
+        lines = open(f"data/testbed/preferences_{split}.jsonl").read().splitlines()[:n]
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = root / "run"
+    cfg = tiny_config(out, f"run_arms={json.dumps(NEW_ARMS)}", "seeds=[0]", f"score.train_data={root / 'train.jsonl'}",
+                      f"score.eval_data={root / 'eval.jsonl'}", "dpo.log_with=none", "dpo.max_length=128",
+                      "dpo.lr=1.0e-3", "dpo.batch_size=12")
+    run(cfg)
+    return cfg, out
+
+
+def test_dpo_and_grpo_arms_run_and_are_evaluated_like_every_arm(new_arms):
+    from stable_rlhf.io import read_jsonl
+
+    cfg, out = new_arms
+    index = json.loads((out / "ablation.json").read_text())
+    assert list(index["arms"]) == NEW_ARMS and index["arms"]["grpo-am"]["estimator"] == "grpo"
+    assert index["arms"]["dpo"]["kind"] == "dpo" and index["arms"]["dpo"]["estimator"] is None
+    keys = {"gold_reward", "win", "lose", "tie", "kl", "forget_win", "forget_lose", "forget_tie", "proxy_score",
+            "degenerate", "forget_degenerate"}
+    for arm in NEW_ARMS:
+        summary = json.loads((out / "arms" / arm / "seed0" / "summary.json").read_text())
+        assert keys <= set(summary["final"]) and summary["per_task"], arm
+        assert all(np.isfinite(summary["final"][k]) for k in keys), arm
+        assert not (out / "arms" / arm / "seed0" / "checkpoints").exists()
+    # DPO trained on the score models' comparisons (24 three-way rankings: 72 pairs) from the SFT policy
+    trainer = json.loads((out / "arms" / "dpo" / "seed0" / "train" / "summary.json").read_text())
+    assert trainer["train_pairs"] == 72 and trainer["eval_pairs"] == 36 and trainer["steps"] == 6
+    assert (out / "arms" / "dpo" / "seed0" / "train" / "model" / "config.json").exists()
+    assert not (out / "arms" / "dpo" / "seed0" / "train" / "checkpoints").exists()
+    dpo = json.loads((out / "arms" / "dpo" / "seed0" / "summary.json").read_text())
+    assert dpo["trainer"] == trainer and dpo["steps"] == 6 and dpo["proxy"] == "rm"
+    metrics = read_jsonl(out / "arms" / "dpo" / "seed0" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 6] and metrics[0]["eval/kl"] == 0.0
+    assert (metrics[0]["eval/win"], metrics[0]["eval/tie"]) == (0.0, 1.0)  # step 0 is the SFT reference itself
+    assert metrics[1]["eval/kl"] == dpo["final"]["kl"] and metrics[1]["eval/win"] == dpo["final"]["win"]
+    shared = read_jsonl(out / "shared" / "eval_reference" / "eval_reference_eval.jsonl")
+    mine = read_jsonl(out / "arms" / "dpo" / "seed0" / "eval_reference_eval.jsonl")
+    assert [r["response"] for r in mine] == [r["response"] for r in shared] and all("proxy" in r for r in mine)
+    grpo = run_config(out, "grpo-am")
+    assert grpo["advantage"]["estimator"] == "grpo" and grpo["advantage"]["kl"] == "loss"
+    ppo_rows = read_jsonl(out / "arms" / "grpo-am" / "seed0" / "metrics.jsonl")
+    assert any("objective/kl" in r for r in ppo_rows) and not any("value/mean" in r for r in ppo_rows)  # no critic
+
+
+def test_report_has_rows_and_curves_for_dpo_and_grpo(new_arms, capsys):
+    from analysis.ablation_report import build_report, kl_at, load
+
+    cfg, out = new_arms
+    text = build_report(out).read_text()
+    data = json.loads((out / "report.json").read_text())
+    table2 = [line.split(" | ") for line in text.split("## Table 2")[1].split("##")[0].splitlines()
+              if line.startswith("| ") and "---" not in line]
+    assert [row[0] for row in table2[1:]] == ["| DPO", "| GRPO (AM)"]
+    for row in table2[1:]:
+        assert "n/a" not in row[2:10], row  # gold, win/lose/tie, KL, forgetting win, proxy, degenerate
+    dpo = json.loads((out / "arms" / "dpo" / "seed0" / "summary.json").read_text())
+    assert data["table2"]["dpo"]["kl"]["mean"] == pytest.approx(dpo["final"]["kl"])
+    runs = load(out)["arms"]["dpo"]["seeds"][0]["metrics"]
+    assert kl_at(runs, 0) == 0.0 and kl_at(runs, 6) == dpo["final"]["kl"]  # DPO's points on the KL axis
+    for name in ("win_lose_tie", "gold_vs_kl", "proxy_vs_kl", "reward_curves", "forgetting"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 5000, name
+    run(cfg)  # a second run: everything finished, nothing redone
+    printed = capsys.readouterr().out
+    assert "arms/dpo/seed0/train: finished, skipped" in printed and "arms/dpo/seed0: finished, skipped" in printed
+
+
+def test_final_eval_alone_samples_its_own_reference_and_measures_kl(new_arms, tmp_path):
+    from stable_rlhf import final_eval
+    from stable_rlhf.models import load_policy
+
+    cfg, out = new_arms
+    ev = final_eval.FinalEvalConfig(run_dir=str(out / "arms" / "dpo" / "seed0" / "train"), out_dir=str(tmp_path),
+                                    model=cfg.model, eval=cfg.eval)
+    summary = final_eval.train(ev)
+    assert summary["proxy"] is None and summary["final"]["proxy_score"] is None  # gold: no proxy
+    assert (tmp_path / "eval_reference_eval.jsonl").exists() and summary["final"]["kl"] is not None
+    # the KL estimate: zero for the SFT policy against itself, whatever the batching; none when greedy
+    sft, tokenizer = load_policy(cfg.model, device="cpu")
+    rows = json.loads("[" + ",".join((tmp_path / "samples" / "eval-step000006.jsonl").read_text().splitlines()) + "]")
+    assert final_eval.answer_kl(sft, sft, tokenizer, rows, ev) == [0.0] * len(rows)
+    trained, _ = load_policy(cfg.model.__class__(name_or_path=ev.run_dir + "/model"), device="cpu")
+    one = final_eval.answer_kl(trained, sft, tokenizer, rows, dataclasses.replace(ev, kl_batch_size=1))
+    assert final_eval.answer_kl(trained, sft, tokenizer, rows, ev) == pytest.approx(one, abs=1e-4)
+    assert np.mean(one) == pytest.approx(summary["final"]["kl"], abs=1e-4)
+    greedy = dataclasses.replace(ev, eval=dataclasses.replace(ev.eval, generation=dataclasses.replace(
+        ev.eval.generation, temperature=0.0)))
+    assert final_eval.answer_kl(trained, sft, tokenizer, rows, greedy) is None
