@@ -58,3 +58,8 @@ if dist.get_rank() == 0:
         "same_rollouts": all(r == all_responses[0] for r in all_responses),
         "n_rollouts": [len(r) for r in all_responses],
     }, open(out_json, "w"))
+# Tear the process group down before exit: left to the interpreter's exit, gloo's threads
+# were destroyed while joinable on a loaded machine ("terminate called without an active
+# exception", SIGABRT) after the run and the comparison had finished.
+dist.barrier()
+dist.destroy_process_group()
