@@ -1,6 +1,7 @@
 """The trainers' behaviour pinned by a stored fixture: tiny PPO (full and LoRA, with critic
 warm-up and both NLL mixes), rejection-sampling, RM, AM and SFT runs with fixed seeds must
-log the same metrics.jsonl as when the fixture was written, to 1e-4 relative.
+log the same metrics.jsonl as when the fixture was written, to 1e-4 relative, with float
+kernels pinned so that the CPU model does not matter (``PINNED_KERNELS``).
 
 A refactor that changes what a trainer computes (an RNG draw moved, a loss term reordered,
 a stat renamed) fails here. Timings are left out (they are not behaviour). A change that is
@@ -13,6 +14,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,16 +61,17 @@ def run_rs(out: Path) -> None:
         "batch_size=4", "lr=1e-3", "drop_truncated=false"]))
 
 
-def comparisons(n: int, seed: int, k: int = 3) -> list[dict]:
-    """Learnable K-ranked comparisons over two tasks: more 'good' words rank higher."""
+def comparisons(n: int, seed: int, k: int = 3, words: list[str] = WORDS, **fields) -> list[dict]:
+    """Learnable K-ranked comparisons over two tasks: more 'good' words rank higher.
+    ``fields`` are added to every record (the fixture's: ``sft_samples=True``)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         goods = rng.sample(range(4), k)
-        out.append({"prompt": f"say something about {rng.choice(WORDS)}",
-                    "responses": [" ".join(rng.sample(WORDS, 3) + ["good"] * g + ["bad"] * (3 - g)) for g in goods],
+        out.append({"prompt": f"say something about {rng.choice(words)}",
+                    "responses": [" ".join(rng.sample(words, 3) + ["good"] * g + ["bad"] * (3 - g)) for g in goods],
                     "ranking": sorted(range(k), key=lambda j: -goods[j]), "task": "alpha" if i % 2 else "beta",
-                    "gold": [float(g) for g in goods], "sft_samples": True})
+                    "gold": [float(g) for g in goods], **fields})
     return out
 
 
@@ -75,8 +79,8 @@ def run_score(out: Path, objective: str) -> None:
     from stable_rlhf.reward_model import ScoreTrainConfig, train
 
     data = out.parent / "prefs"
-    atomic_write_jsonl(data / "train.jsonl", comparisons(32, 0))
-    atomic_write_jsonl(data / "eval.jsonl", comparisons(12, 1))
+    atomic_write_jsonl(data / "train.jsonl", comparisons(32, 0, sft_samples=True))
+    atomic_write_jsonl(data / "eval.jsonl", comparisons(12, 1, sft_samples=True))
     train(load_config(ScoreTrainConfig, None, [
         f"train_data={data / 'train.jsonl'}", f"eval_data={data / 'eval.jsonl'}", f"out_dir={out}",
         f"objective={objective}", "model.name_or_path=tiny-random", "model.tiny_hidden=32", "batch_size=8",
@@ -113,17 +117,35 @@ def assert_same(got: list[dict], want: list[dict], name: str) -> None:
         assert set(w) <= set(g), f"{name} row {i}: missing {sorted(set(w) - set(g))}"
         for key, value in w.items():
             if isinstance(value, float) and not (math.isnan(value) and math.isnan(g[key])):
-                # 1e-4: the same code on two of our CPU machines (other float kernels) differs
-                # by up to ~4e-6 relative after a few steps; a change of behaviour moves far more.
+                # With PINNED_KERNELS the host's MKL instruction set (AVX-512, AVX2, SSE4.2)
+                # changes no bit; 1e-4 leaves room for a CPU we have not met.
                 assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{name} row {i} {key}"
             elif not isinstance(value, float):
                 assert g[key] == value, f"{name} row {i} {key}"
 
 
+# Kernels that give the same bits on every x86 CPU: MKL's conditional numerical
+# reproducibility mode and ATen's plain (not AVX2/AVX-512) kernels, one thread. With the
+# host's fastest kernels the same code differed between two of our machines by 1e-2
+# after a few lr=1e-3 steps on the tiny model (a clip fraction 0.0 on one, 0.025 on the other).
+PINNED_KERNELS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1",
+                  "MKL_NUM_THREADS": "1"}
+
+
+def run_pinned(name: str, out: Path) -> None:
+    """``RUNS[name]`` in a fresh interpreter with ``PINNED_KERNELS`` (they are read when
+    torch loads, so they cannot be set in this one)."""
+    code = ("import sys, torch; from pathlib import Path; torch.backends.mkldnn.enabled = False; "
+            "from tests.test_behaviour_fixture import RUNS; RUNS[sys.argv[1]](Path(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, name, str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **PINNED_KERNELS}, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
+
+
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_metrics_match_the_stored_fixture(name, tmp_path):
     out = tmp_path / name
-    RUNS[name](out)
+    run_pinned(name, out)
     got = behaviour(out / "metrics.jsonl")
     fixture = FIXTURES / f"{name}.jsonl"
     if WRITE:

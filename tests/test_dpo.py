@@ -6,7 +6,6 @@ after SIGKILL."""
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from stable_rlhf.io import atomic_write_jsonl, read_jsonl
 from stable_rlhf.losses import dpo_loss, ipo_loss
 from stable_rlhf.models import chat_prompt, load_policy
 from tests.test_code_shape import PACKAGE, functions
-from tests import test_sft
+from tests import test_behaviour_fixture, test_sft
 from tests.test_sft import assert_killed_run_resumes_exactly, run_stage, saved_weights
 
 pytestmark = pytest.mark.usefixtures("small_model_cpu")
@@ -139,17 +138,8 @@ def test_the_reference_cache_key_follows_what_the_log_probabilities_depend_on():
 WORDS = "river stone cloud music garden paper window bread light storm sun moon sea tree bird fox".split()
 
 
-def comparisons(n: int, seed: int, k: int = 3) -> list[dict]:
-    """Learnable K-ranked comparisons over two tasks: more 'good' words rank higher."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        goods = rng.sample(range(4), k)
-        out.append({"prompt": f"say something about {rng.choice(WORDS)}",
-                    "responses": [" ".join(rng.sample(WORDS, 3) + ["good"] * g + ["bad"] * (3 - g)) for g in goods],
-                    "ranking": sorted(range(k), key=lambda j: -goods[j]), "task": "alpha" if i % 2 else "beta",
-                    "gold": [float(g) for g in goods]})
-    return out
+def comparisons(n: int, seed: int) -> list[dict]:
+    return test_behaviour_fixture.comparisons(n, seed, words=WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -231,8 +231,10 @@ def fluency_details(text: str, model: FluencyModel | None = None) -> dict:
             "coherence": coherence, "function_share": share, "mixing": mix}
 
 
+@lru_cache(maxsize=4096)
 def fluency(text: str) -> float:
-    """How much ``text`` reads like prose, in [0, 1] (see the module docstring)."""
+    """How much ``text`` reads like prose, in [0, 1] (see the module docstring). Cached: the
+    gold reward asks it about the same text from its gate and from the task's scorer."""
     return fluency_details(text)["fluency"]
 
 

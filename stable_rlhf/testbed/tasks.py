@@ -523,8 +523,18 @@ def degenerate_reason(record: dict, response: str) -> str | None:
     the gold reward floors before scoring, and the report's degenerate-answer meter."""
     if len(response) > MAX_RESPONSE_CHARS:
         return "too_long"
+    return _degenerate_reason(record, _as_read(record["task"], response))
+
+
+def _as_read(task: str, response: str) -> str:
+    """A response as the scorers see it: text answers normalised (``text.normalise``:
+    lookalike and invisible characters do not change a count), code verbatim."""
+    return response if task == "code" else T.normalise(response)
+
+
+def _degenerate_reason(record: dict, text: str) -> str | None:
+    """``degenerate_reason`` of an answer already read by ``_as_read``."""
     task = record["task"]
-    text = response if task == "code" else T.normalise(response)
     reason = T.degenerate_reason(text, record.get("prompt", ""), min_words=_MIN_WORDS[task])
     if reason is None and task in _PROSE_TASKS:
         # Not prose at all to the fluency judge (a salad, a shuffle, digits for words) or
@@ -539,13 +549,14 @@ def degenerate_reason(record: dict, response: str) -> str | None:
 
 def _score_response(task: str, record: dict, response: str) -> dict:
     """The unguarded scoring path: the degeneracy gate, the task's scorer, the shared
-    adjustments. Text answers are scored as a reader sees them (``text.normalise``:
-    lookalike and invisible characters do not change a count). Ends by checking the
+    adjustments, all on the answer as a reader sees it (``_as_read``). Ends by checking the
     score is a finite number (a NaN would pass ``_clip01`` as 1.0)."""
-    reason = degenerate_reason(record, response)
+    if len(response) > MAX_RESPONSE_CHARS:
+        return {"score": 0.0, "degenerate": "too_long"}
+    text = _as_read(task, response)
+    reason = _degenerate_reason(record, text)
     if reason is not None:
         return {"score": 0.0, "degenerate": reason}
-    text = response if task == "code" else T.normalise(response)
     out = _SCORERS[task](record["meta"], text)
     if task != "code":
         _text_adjustments(task, out, text, record)
