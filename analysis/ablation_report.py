@@ -194,6 +194,39 @@ def findings(index: dict, t2: dict, ref_gold: float | None) -> list[str]:
     return lines
 
 
+def diagnostics_table(index: dict) -> tuple[list[str], list[list[str]], dict]:
+    """Per PPO-type arm: whether optimisation worked. The objective PPO maximises measured on
+    the eval prompts at its first and last eval points (``eval/objective``: shaped score less
+    β·KL, fixed normalisation) and the gain in standard errors; the rollouts' worst truncation,
+    the value model's explained variance at the last step, the mean correlation of the first
+    token's advantage with the score, and the trainer's warnings (seeds listed apart)."""
+    head = ["arm", "objective start", "objective end", "gain (SE)", "max truncation", "last value EV",
+            "advantage-score corr", "warnings"]
+    rows, data = [], {}
+    for name, arm in index["arms"].items():
+        seeds = arm["seeds"]
+        train = {s: [m for m in r["metrics"] if "objective/kl" in m] for s, r in seeds.items()}
+        if not any(train.values()):
+            continue
+        finals = {s: r["summary"]["final"] for s, r in seeds.items()}
+        warn = {s: r["summary"].get("warnings", []) for s, r in seeds.items()}
+        cols = {"objective_start": [f.get("objective_start") for f in finals.values()],
+                "objective_end": [f.get("objective_end") for f in finals.values()],
+                "objective_gain_se": [f.get("objective_gain_se") for f in finals.values()],
+                "max_truncation": [max((m.get("policy/truncated", 0.0) for m in t), default=None)
+                                   for t in train.values()],
+                "last_value_ev": [t[-1].get("value/explained_variance") if t else None for t in train.values()],
+                "advantage_score_corr": [mean_std([m.get("advantage/score_corr") for m in t])[0] if t else None
+                                         for t in train.values()]}
+        cols["advantage_score_corr"] = [None if v is None or np.isnan(v) else v for v in cols["advantage_score_corr"]]
+        data[name] = {**{k: {"mean": mean_std(v)[0], "std": mean_std(v)[1], "values": v} for k, v in cols.items()},
+                      "warnings": {str(s): w for s, w in warn.items()}}
+        rows.append([arm["label"], fmt(cols["objective_start"]), fmt(cols["objective_end"]),
+                     fmt(cols["objective_gain_se"], 1), fmt(cols["max_truncation"], 2), fmt(cols["last_value_ev"], 2),
+                     fmt(cols["advantage_score_corr"], 2), str(sum(len(w) for w in warn.values()))])
+    return head, rows, data
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -344,6 +377,7 @@ def build_report(out: Path) -> Path:
     gold_head, gold_rows = task_table(index, "eval/gold")
     leak_head, leak_rows = task_table(index, "eval/leakage")
     degen_head, degen_rows = task_table(index, "eval/degenerate")
+    diag_head, diag_rows, diag = diagnostics_table(index)
     ref_rows = read_jsonl(out / index["shared"]["eval_reference"] / "eval_reference_eval.jsonl") \
         if (out / index["shared"]["eval_reference"] / "eval_reference_eval.jsonl").exists() else []
     ref_gold = None
@@ -395,6 +429,17 @@ def build_report(out: Path) -> Path:
                 "the SFT arm is the SFT policy resampled with another seed: the win/lose/tie of sampling luck "
                 "alone."),
         ("table", (t2_head, t2_rows)),
+        *([("h2", "Did optimisation work? Training diagnostics of the PPO-type arms"),
+           ("p", "objective: what PPO maximises, measured on the eval prompts with the rollouts' sampling "
+                 "settings (the shaped score, normalised with the SFT answers' moments, less β·KL), at the "
+                 "first and last eval points; gain: end − start in standard errors of the difference; max "
+                 "truncation: the largest share of a rollout that ran out of tokens; last value EV: the value "
+                 "model's explained variance at the last step (GAE arms); advantage-score corr: the mean over "
+                 "steps of corr(first token's advantage, score); warnings: the trainers' (listed below).")]
+          + [("table", (diag_head, diag_rows))]
+          + [("p", f"warning, {index['arms'][n]['label']} seed {s}: {w}") for n, d in diag.items()
+             for s, ws in d["warnings"].items() for w in ws]
+          if diag_rows else []),
         ("h2", "Gold reward per task (final eval: each task's raw gold scale; all: the normalised mean)"),
         ("table", (gold_head, gold_rows)),
         ("h2", "Style leakage (fraction of eval answers carrying another task's style)"),
@@ -424,8 +469,10 @@ def build_report(out: Path) -> Path:
                    ("table", (["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]))]
     atomic_write_text(out / "report.md", to_markdown(blocks))
     atomic_write_text(out / "report.html", to_html(blocks))
-    report = {"table1": t1, "table2": t2, "sft_reference_gold": ref_gold,
-              "figures": {k: str(v) if v else None for k, v in figures.items()}, "timings": timings}
+    # No timings: report.json holds what the run measured, the same for two runs of one commit
+    # on one machine (the stage times are in timings.json and report.md).
+    report = {"table1": t1, "table2": t2, "diagnostics": diag, "sft_reference_gold": ref_gold,
+              "figures": {k: str(v.relative_to(out)) if v else None for k, v in figures.items()}}
     undefined: dict[str, str] = {}
     report = strict_json(report, "", undefined)
     report["undefined"] = undefined

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -81,6 +81,11 @@ def win_lose_tie(gold: list[float], ref_gold: list[float]) -> dict:
             "tie": float(np.mean(close))}
 
 
+def same_sampling(a: GenerationConfig, b: GenerationConfig) -> bool:
+    """Whether two settings sample from the same distribution (batch size aside)."""
+    return all(getattr(a, f) == getattr(b, f) for f in ("max_new_tokens", "temperature", "top_p", "system_prompt"))
+
+
 class PolicyEvaluator:
     """Held-out (and forgetting-set) evaluation against the SFT policy's answers."""
 
@@ -96,12 +101,21 @@ class PolicyEvaluator:
         if cfg.forget_prompts:
             self.sets["forget"] = read_records(cfg.forget_prompts, "prompt", check=gold_record_problem)
         self.reference: dict[str, list[dict]] = {}
+        self.probe: Optional[ObjectiveProbe] = None
+        """the trainer's objective on the eval prompts (PPO's), measured at each eval point"""
+        self.probe_stats: dict = {}
 
-    def _answer(self, model, tokenizer, records: list[dict], device) -> list[dict]:
-        from .testbed.evaluate import sample_and_score
+    def _answer(self, model, tokenizer, records: list[dict], device, probe: Optional["ObjectiveProbe"] = None):
+        """The answers' rows; with ``probe`` also the probe's stats: on these very answers when
+        they were sampled as the trainer samples its rollouts, else on its own sample."""
+        from .generation import generate
+        from .testbed.evaluate import score_samples
 
-        rows = sample_and_score(model, tokenizer, records, self.cfg.generation, n=1, seed=self.cfg.seed,
-                                workers=self.workers, device=device, progress=False)
+        gen = generate(model, tokenizer, [r["prompt"] for r in records], self.cfg.generation, n=1,
+                       seed=self.cfg.seed, device=device, progress=False)
+        rows = score_samples(records, gen, self.workers)
+        if probe is not None:
+            self.probe_stats = probe(model, records, gen if same_sampling(probe.sampling, self.cfg.generation) else None)
         if self.proxy is not None:
             proxy = self.proxy(records, [r["response"] for r in rows])
             for row, s in zip(rows, proxy.tolist()):
@@ -144,7 +158,15 @@ class PolicyEvaluator:
 
         stats: dict = {}
         for name, records in self.sets.items():
-            rows = copy.deepcopy(self.reference[name]) if is_reference else self._answer(model, tokenizer, records, device)
+            probe = self.probe if name == "eval" else None
+            if is_reference:
+                rows = copy.deepcopy(self.reference[name])
+                if probe is not None:
+                    self.probe_stats = probe(model, records, None)
+            else:
+                rows = self._answer(model, tokenizer, records, device, probe)
+            if probe is not None:
+                stats.update(self.probe_stats)
             table = task_table(rows)
             ref = self.reference[name]
             wlt = win_lose_tie([r["gold"] for r in rows], [r["gold"] for r in ref])
@@ -206,7 +228,9 @@ def eval_point(evaluator: PolicyEvaluator | None, accelerator, log, model, token
             writer.add_text("samples", evaluator.sample_table(step), step)
         print(f"[{tag}] step {step}: eval gold {stats['eval/gold_norm']:.4f}  win/lose/tie "
               f"{stats['eval/win']:.3f}/{stats['eval/lose']:.3f}/{stats['eval/tie']:.3f}"
-              + (f"  proxy {stats['eval/proxy']:.4f}" if "eval/proxy" in stats else ""))
+              + (f"  proxy {stats['eval/proxy']:.4f}" if "eval/proxy" in stats else "")
+              + (f"  objective {stats['eval/objective']:.3f} ± {stats['eval/objective_se'] or 0:.3f}"
+                 if stats.get("eval/objective") is not None else ""))
     accelerator.wait_for_everyone()
     return stats
 
@@ -221,6 +245,16 @@ def final_metrics(stats: dict) -> dict:
                     "forget_tie": stats["forget/tie"], "forget_gold": stats["forget/gold_norm"],
                     "forget_degenerate": stats["forget/degenerate"]})
     return out
+
+
+class ObjectiveProbe(Protocol):
+    """What a trainer optimises, measured on the eval prompts: ``probe(model, records, gen)``
+    returns ``eval/objective...`` stats for answers sampled with ``sampling`` (``gen``: the
+    evaluator's own answers when its settings equal ``sampling``; None: the probe samples)."""
+
+    sampling: GenerationConfig
+
+    def __call__(self, model, records: list[dict], gen) -> dict: ...
 
 
 class TrainingEval:

@@ -229,6 +229,11 @@ class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     keep_checkpoints: int = 1
     """checkpoints kept on disk while the run goes (the newest; each is written whole before an
     older one goes)"""
+    warn_truncation: float = 0.1
+    """warn (log and summary.json) when more than this share of a rollout ran out of tokens"""
+    warn_ev_after: int = 2
+    """warn when the value model's explained variance is below 0 this many steps or more after
+    the critic warm-up"""
 
     def __post_init__(self):
         super().__post_init__()
@@ -326,6 +331,9 @@ class PPOState:
     """demonstration minibatches of each NLL term that is on"""
     guard: NonFiniteGuard
     step: int = 0
+    eval_moments: Optional[list[float]] = None
+    """[mean, std] of the source's scores of the SFT policy's answers to the eval prompts: the
+    fixed normalisation of the objective measured at eval points (``EvalObjective``)"""
 
     @property
     def policy_module(self):
@@ -342,7 +350,7 @@ class PPOState:
                 "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
                 "prompt_stream": self.prompt_stream.state_dict(),
                 "mix_streams": {n: s.state_dict() for n, s in self.mix_streams.items()},
-                "step": self.step, **self.guard.state_dict()}
+                "step": self.step, "eval_moments": self.eval_moments, **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         load_trainable(self.policy_module, state["policy"], "policy")
@@ -356,6 +364,7 @@ class PPOState:
         for name, s in state["mix_streams"].items():
             self.mix_streams[name].load_state_dict(s)
         self.step = state["step"]
+        self.eval_moments = state.get("eval_moments")
         self.guard.load_state_dict(state)
 
 
@@ -390,6 +399,44 @@ class Rollout:
         return self.gen.response_mask
 
 
+class EvalObjective:
+    """What PPO maximises, measured on the eval prompts at each eval point (``eval/objective``):
+    the mean over the answers of the sequence reward of ``gae_advantages``, the shaped score
+    (``shape_scores``) less β·KL to the reference, for answers sampled with the rollouts'
+    settings (``generation``; the evaluator's own answers when its settings are the same,
+    else a sample of its own with the eval seed) at the current β. The score is normalised
+    with fixed moments, those of the SFT policy's answers at step 0 (the running moments
+    move with the policy: they would hide a rise), so the objective of two eval points is
+    comparable; ``eval/objective_se`` is its standard error over the answers."""
+
+    def __init__(self, run: Run, cfg: PPOConfig, state: PPOState, reward):
+        self.run, self.cfg, self.state, self.reward = run, cfg, state, reward
+        self.sampling = cfg.generation
+
+    @torch.no_grad()
+    def __call__(self, model, records: list[dict], gen: Optional[Generation]) -> dict:
+        cfg, state, device = self.cfg, self.state, self.run.device
+        if gen is None:
+            gen = generate(model, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
+                           seed=cfg.eval.seed, device=device, progress=False)
+        gen = gen.to(device)
+        raw = self.reward([records[i] for i in gen.prompt_index], gen.responses).to(device).float()
+        if not torch.isfinite(raw).all():
+            return {"eval/objective": None, "eval/objective_se": None}
+        if state.eval_moments is None:
+            state.eval_moments = [raw.mean().item(), raw.std().item() if len(raw) > 1 else 1.0]
+        scores = shape_scores(cfg, raw, gen.truncated, *state.eval_moments)
+        logprobs, ref_logprobs, _ = sequence_passes(cfg, state, gen)
+        rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, gen.response_mask, state.kl_ctl.value,
+                                           cfg.kl_estimator)
+        objective = rewards.sum(-1).double()
+        n = len(objective)
+        return {"eval/objective": objective.mean().item(),
+                "eval/objective_se": objective.std().item() / n ** 0.5 if n > 1 else None,
+                "eval/objective_score": scores.mean().item(), "eval/objective_kl": kl.sum(-1).mean().item(),
+                "eval/objective_truncated": gen.truncated.float().mean().item()}
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -405,6 +452,8 @@ def train(cfg: PPOConfig) -> dict:
     # run reads the ones it saved then).
     evals.prepare(None if resumed else state.policy_module, state.tokenizer,
                   None if cfg.reward.source == "gold" else reward)
+    if evals.evaluator is not None:
+        evals.evaluator.probe = EvalObjective(run, cfg, state, reward)
     if resumed:
         state.load_state_dict(resumed)
     else:
@@ -570,14 +619,21 @@ def score(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, reward) -
     if not all_finite(run.accelerator, scores):
         return False
     state.score_moments.update(run.accelerator.gather(scores))
-    sigma = max(state.score_moments.std, 1e-6)
+    rollout.scores = shape_scores(cfg, scores, rollout.gen.truncated, state.score_moments.mean,
+                                  state.score_moments.std)
+    return True
+
+
+def shape_scores(cfg: PPOConfig, scores: torch.Tensor, truncated: torch.Tensor, mean: float,
+                 std: float) -> torch.Tensor:
+    """``score``'s scores from the source's, given the moments to normalise with."""
+    sigma = max(std, 1e-6)
     if cfg.reward.running_normalisation:
-        scores, sigma = (scores - state.score_moments.mean) / sigma, 1.0
-    scores = scores - cfg.missing_eos_penalty * sigma * rollout.gen.truncated.float()
+        scores, sigma = (scores - mean) / sigma, 1.0
+    scores = scores - cfg.missing_eos_penalty * sigma * truncated.float()
     if cfg.score_clip is not None:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    rollout.scores = scores
-    return True
+    return scores
 
 
 def skip_step(run: Run, state: PPOState) -> None:
@@ -601,22 +657,28 @@ def halt(run: Run, state: PPOState, what: str) -> NoReturn:
 def forward(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> None:
     """Once per rollout, in chunks of ``forward_batch_size`` rows: the policy's logprobs, the
     reference's and the values (with a value model), each (B, Tr), zero past the response."""
-    gen, temperature, mask = rollout.gen, cfg.generation.temperature, rollout.mask
-    policy, value_model = state.policy_module, state.value_module
     with timed(rollout.times, "time/forward"):
-        logprobs, ref_logprobs, values = [], [], []
-        for sl in _chunks(len(gen), cfg.forward_batch_size):
-            args = (gen.query_ids[sl], gen.query_mask[sl], gen.response_ids[sl], gen.response_mask[sl])
-            logprobs.append(response_logprobs(policy, *args, temperature)[0])
-            if state.reference is None:  # LoRA: the reference is the network without its adapters
-                with policy.disable_adapter():
-                    ref_logprobs.append(response_logprobs(policy, *args, temperature)[0])
-            else:
-                ref_logprobs.append(response_logprobs(state.reference, *args, temperature)[0])
-            if value_model is not None:
-                values.append(response_values(value_model, *args))
-        rollout.logprobs, rollout.ref_logprobs = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask
-        rollout.values = torch.cat(values) * mask if values else None
+        rollout.logprobs, rollout.ref_logprobs, rollout.values = sequence_passes(cfg, state, rollout.gen,
+                                                                                 state.value_module)
+
+
+@torch.no_grad()
+def sequence_passes(cfg: PPOConfig, state: PPOState, gen: Generation, value_model=None):
+    """``forward``'s passes over ``gen``: (logprobs, reference logprobs, values or None), each
+    (B, Tr), zero past the response; values only with a ``value_model``."""
+    temperature, mask, policy = cfg.generation.temperature, gen.response_mask, state.policy_module
+    logprobs, ref_logprobs, values = [], [], []
+    for sl in _chunks(len(gen), cfg.forward_batch_size):
+        args = (gen.query_ids[sl], gen.query_mask[sl], gen.response_ids[sl], gen.response_mask[sl])
+        logprobs.append(response_logprobs(policy, *args, temperature)[0])
+        if state.reference is None:  # LoRA: the reference is the network without its adapters
+            with policy.disable_adapter():
+                ref_logprobs.append(response_logprobs(policy, *args, temperature)[0])
+        else:
+            ref_logprobs.append(response_logprobs(state.reference, *args, temperature)[0])
+        if value_model is not None:
+            values.append(response_values(value_model, *args))
+    return torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask if values else None
 
 
 def estimate_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> None:
@@ -760,14 +822,55 @@ def log_step(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, update
     if rollout.values is not None:
         stats["value/explained_variance"] = explained_variance(rollout.values, rollout.returns, mask)
         stats["value/mean"] = masked_mean(rollout.values, mask).item()
+    # Whether the advantages point where the score does: the first token's advantage against
+    # the sequence's score (0.91 with a working critic; -0.10 with a biased one).
+    stats["advantage/score_corr"] = pearson(gather(rollout.advantages[:, 0]), gather(scores))
     for task in sorted({r["task"] for r in rollout.records}):
         idx = [i for i, r in enumerate(rollout.records) if r["task"] == task]
         stats[f"score/{task}/mean"] = rollout.raw_scores[idx].mean().item()
     run.log(stats)
+    for warning in step_warnings(cfg, stats):
+        run.print(f"warning: {warning}")
     return stats, stop
 
 
+def pearson(x: torch.Tensor, y: torch.Tensor) -> Optional[float]:
+    """Pearson correlation of two (N,) tensors; None when either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt().item()
+    return (x * y).sum().item() / denom if denom > 0 else None
+
+
+def step_warnings(cfg: PPOConfig, stats: dict) -> list[str]:
+    """What a step's stats say is going wrong: truncation above ``warn_truncation``, a critic
+    that explains less than nothing ``warn_ev_after`` steps after its warm-up."""
+    out = []
+    if stats.get("policy/truncated", 0.0) > cfg.warn_truncation:
+        out.append(f"step {stats['step']}: {stats['policy/truncated']:.0%} of the responses ran out of tokens "
+                   f"(warn_truncation {cfg.warn_truncation:.0%})")
+    ev = stats.get("value/explained_variance")
+    if ev is not None and ev < 0 and stats["step"] >= cfg.critic_warmup + cfg.warn_ev_after:
+        out.append(f"step {stats['step']}: value explained variance {ev:.2f} < 0 "
+                   f"({stats['step'] - cfg.critic_warmup} step(s) after the critic warm-up)")
+    return out
+
+
 # --------------------------------------------------------------------------- the end
+
+
+def objective_change(history: list[dict]) -> dict:
+    """summary.json's ``objective_start``, ``objective_end`` (``eval/objective`` at the first
+    and last eval points) and ``objective_gain_se``: the gain in standard errors of the
+    difference (the two SEs combined as if independent; the answers share prompts and a seed,
+    so this is conservative)."""
+    points = [r for r in history if r.get("eval/objective") is not None]
+    if len(points) < 2:
+        return {}
+    first, last = points[0], points[-1]
+    gain = last["eval/objective"] - first["eval/objective"]
+    se = ((first.get("eval/objective_se") or 0.0) ** 2 + (last.get("eval/objective_se") or 0.0) ** 2) ** 0.5
+    return {"objective_start": first["eval/objective"], "objective_end": last["eval/objective"],
+            "objective_gain_se": gain / se if se > 0 else None}
 
 
 def finish(run: Run, cfg: PPOConfig, state: PPOState, evals: TrainingEval) -> dict:
@@ -779,9 +882,11 @@ def finish(run: Run, cfg: PPOConfig, state: PPOState, evals: TrainingEval) -> di
     if run.is_main:
         history = run.metrics()
         last_train = [r for r in history if "objective/kl" in r]
+        warnings = [w for r in last_train for w in step_warnings(cfg, r)]
         summary = evals.summary({"steps": state.step, "reward": cfg.reward.source},
-                                {"skipped_steps": sum(1 for r in history if r.get("skipped"))},
-                                kl=last_train[-1]["objective/kl"] if last_train else None)
+                                {"skipped_steps": sum(1 for r in history if r.get("skipped")), "warnings": warnings},
+                                kl=last_train[-1]["objective/kl"] if last_train else None,
+                                **objective_change(history))
         if cfg.lora.enabled:
             model = model.merge_and_unload()
     return evals.finish(model, state.tokenizer, state.step, summary)

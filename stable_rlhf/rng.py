@@ -5,6 +5,7 @@ States are plain Python types and tensors, so checkpoints load with ``weights_on
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -12,6 +13,11 @@ import torch
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and ask torch for deterministic kernels where it has them
+    (a warning names an op that has none; on CUDA cuBLAS needs its workspace fixed first), so
+    the same command on the same machine gives the same numbers."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

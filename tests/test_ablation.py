@@ -242,6 +242,14 @@ def test_report_is_filled_from_the_run_directories(ablation):
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG", name
         assert f"plots/{name}.png" in text
     assert "<table>" in (out / "report.html").read_text()
+    # The PPO-type arms' training diagnostics, read from their summaries and metrics.
+    assert "Did optimisation work?" in text and "timings" not in data
+    for arm in ("rm-ppo-ptx", "am-ppo-sr", "gold-ppo"):
+        summaries = [json.loads((out / "arms" / arm / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+        diag = data["diagnostics"][arm]
+        assert diag["objective_gain_se"]["values"] == [x["final"]["objective_gain_se"] for x in summaries]
+        assert diag["warnings"] == {str(s): x["warnings"] for s, x in zip((0, 1), summaries)}
+    assert set(data["diagnostics"]) == {"rm-ppo-ptx", "am-ppo-sr", "am-ppo-random-rehearsal", "gold-ppo"}
 
 
 def test_bad_configs_are_refused_before_any_stage(tmp_path):
@@ -450,3 +458,28 @@ def test_final_eval_alone_samples_its_own_reference_and_measures_kl(new_arms, tm
     greedy = dataclasses.replace(ev, eval=dataclasses.replace(ev.eval, generation=dataclasses.replace(
         ev.eval.generation, temperature=0.0)))
     assert final_eval.answer_kl(trained, sft, tokenizer, rows, greedy) is None
+
+
+def test_the_same_command_twice_gives_the_same_report(tmp_path):
+    """Reproducibility: the same ablation command run twice from scratch, in two interpreters
+    with different string-hash seeds, into two directories, writes identical report.json files
+    and identical arm summaries, wall times aside."""
+    import subprocess
+    import sys
+
+    reports, summaries = [], []
+    for hash_seed, name in ((1, "first"), (2, "second")):
+        out = tmp_path / name
+        tiny_config(out)  # writes <out>.yaml
+        proc = subprocess.run([sys.executable, "-m", "experiments.ablation", "--config", str(tmp_path / f"{name}.yaml"),
+                               'run_arms=["sft", "am-ppo-sr", "rejection-sampling"]', "seeds=[0]"],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONHASHSEED": str(hash_seed), "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports.append((out / "report.json").read_text())
+        summaries.append({str(p.relative_to(out)): {k: v for k, v in json.loads(p.read_text()).items()
+                                                    if k != "seconds"}
+                          for p in sorted(out.glob("arms/*/seed0/summary.json"))})
+    json.loads(reports[0])  # strict JSON
+    assert reports[0] == reports[1]
+    assert summaries[0] == summaries[1] and len(summaries[0]) == 3

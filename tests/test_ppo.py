@@ -2,6 +2,7 @@
 on non-finite values, resumes exactly after SIGKILL, and runs under 2 gloo processes."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -81,6 +82,48 @@ def test_ppo_trains_and_writes_its_contract(reference_run):
     assert max(diffs) > 1e-4
 
 
+def test_the_eval_objective_is_the_shaped_score_less_the_kl_penalty(reference_run):
+    """eval/objective at each eval point: the eval answers (sampled as the rollouts are) scored,
+    shaped with the SFT answers' fixed moments, less beta * KL; its gain in SEs in summary.json."""
+    out, summary = reference_run
+    cfg = load_config(ppo.PPOConfig, None, overrides(out))
+    points = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/objective" in r]
+    assert [r["step"] for r in points] == [0, 2, 4]
+    assert points[0]["eval/objective_kl"] == 0.0  # the SFT policy is the reference
+    mean, std = torch.load(latest_checkpoint(out) / "state.pt", weights_only=True)["eval_moments"]
+    records = {r["id"]: r for r in read_jsonl(TESTBED / "prompts_eval.jsonl")}
+    rows = read_jsonl(out / "samples" / "eval-step000004.jsonl")
+    gold = GoldReward(workers=1)([records[r["id"]] for r in rows], [r["response"] for r in rows]).float()
+    truncated = torch.tensor([r["truncated"] for r in rows])
+    shaped = ppo.shape_scores(cfg, gold, truncated, mean, std)  # the gold source: raw, penalty in sigmas
+    last = points[-1]
+    assert last["eval/objective_score"] == pytest.approx(shaped.mean().item(), abs=1e-6)
+    assert last["eval/objective_truncated"] == pytest.approx(truncated.float().mean().item())
+    assert last["eval/objective"] == pytest.approx(last["eval/objective_score"] - cfg.kl_coef * last["eval/objective_kl"],
+                                                   abs=1e-5)
+    gain = (last["eval/objective"] - points[0]["eval/objective"]) / math.hypot(points[0]["eval/objective_se"],
+                                                                               last["eval/objective_se"])
+    assert summary["final"]["objective_gain_se"] == pytest.approx(gain)
+    assert isinstance(summary["warnings"], list)
+
+
+def test_step_warnings_name_truncation_and_a_critic_explaining_less_than_nothing():
+    cfg = load_config(ppo.PPOConfig, None, ["critic_warmup=1", "warn_ev_after=2"])
+    quiet = {"step": 2, "policy/truncated": 0.5, "value/explained_variance": -1.0}
+    assert [w.split(":")[1].split()[1] for w in ppo.step_warnings(cfg, quiet)] == ["of"]  # truncation only
+    both = ppo.step_warnings(cfg, {"step": 3, "policy/truncated": 0.125, "value/explained_variance": -0.5})
+    assert len(both) == 2 and "12%" in both[0] and "-0.50" in both[1]
+    assert ppo.step_warnings(cfg, {"step": 9, "policy/truncated": 0.1, "value/explained_variance": 0.2}) == []
+
+
+def test_pearson_against_numpy():
+    import numpy as np
+
+    x, y = torch.tensor([1.0, 2.0, 4.0, 3.0]), torch.tensor([0.5, 0.1, 2.0, -1.0])
+    assert ppo.pearson(x, y) == pytest.approx(float(np.corrcoef(x.numpy(), y.numpy())[0, 1]))
+    assert ppo.pearson(x, torch.ones(4)) is None
+
+
 def test_critic_warmup_updates_only_the_value_model(tmp_path):
     from stable_rlhf.config import ModelConfig
     from stable_rlhf.models import load_policy
@@ -130,7 +173,9 @@ def test_lora_trains_adapters_only_and_starts_at_kl_zero(tmp_path):
 
 
 class FlakyReward:
-    """The gold reward, except NaN on the calls listed (0-based)."""
+    """The gold reward, except NaN on the calls listed (0-based). The eval points call it too
+    (``eval/objective``): call 0 is step 0's eval point, then one call per rollout and one
+    per eval point (every 2 steps in ``overrides``)."""
 
     def __init__(self, bad_calls):
         self.gold, self.bad, self.calls = GoldReward(workers=1), set(bad_calls), 0
@@ -144,7 +189,7 @@ class FlakyReward:
 
 
 def test_a_nonfinite_score_skips_the_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: FlakyReward({1}))
+    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: FlakyReward({2}))  # step 2's rollout
     summary = run(tmp_path / "skip")
     assert summary["steps"] == 4 and summary["skipped_steps"] == 1
     skipped = [r for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl") if r.get("skipped")]
@@ -153,7 +198,7 @@ def test_a_nonfinite_score_skips_the_step(tmp_path, monkeypatch):
 
 def test_consecutive_nonfinite_steps_stop_with_a_usable_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "stop"
-    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: FlakyReward({2, 3, 4, 5}))
+    monkeypatch.setattr(ppo, "build_reward", lambda cfg, device=None: FlakyReward({4, 5, 6, 7}))  # steps 3-6
     with pytest.raises(ppo.NonFiniteError, match="3 consecutive steps"):
         run(out, "max_bad_steps=3", "steps=8", "save_every=100")
     ckpt = latest_checkpoint(out)
@@ -300,6 +345,6 @@ def test_critic_free_rollouts_sample_each_prompt_group_size_times(tmp_path, monk
 
     monkeypatch.setattr(ppo, "generate", spy)
     run(tmp_path / "groups", "steps=1", "eval.every=1", "advantage.estimator=rloo", "advantage.group_size=4")
-    prompts = seen[0]
-    assert len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
+    prompts = seen[1]  # seen[0]: step 0's eval objective, sampled from the eval prompts
+    assert len(seen[0]) == 6 and len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
     assert prompts[0] != prompts[4]

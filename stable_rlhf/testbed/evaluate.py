@@ -42,6 +42,11 @@ def sample_and_score(
     gen = generate(
         model, tokenizer, [r["prompt"] for r in records], gen_cfg, n=n, seed=seed, device=device, progress=progress
     )
+    return score_samples(records, gen, workers)
+
+
+def score_samples(records: list[dict], gen, workers: int = 2) -> list[dict]:
+    """The rows of ``sample_and_score`` for a ``Generation`` sampled from ``records``' prompts."""
     sampled = [records[i] for i in gen.prompt_index]
     golds = gold_rewards(sampled, gen.responses, workers=workers)
     lengths = gen.response_mask.sum(dim=1).tolist()
