@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from stable_rlhf.config import yaml_load  # noqa: E402
 from stable_rlhf.io import atomic_write_text, read_jsonl  # noqa: E402
 
 from .score_models import plot_reliability, plot_score_distributions  # noqa: E402
@@ -105,7 +106,25 @@ def table1(out: Path, index: dict) -> tuple[list[str], list[list[str]], dict]:
                                            "frac_within_margin", "gold_pairs")}
         rows.append([label, f"{s['accuracy']:.4f}", f"{100 * s['ece']:.2f}", f"{s['across_task_std_of_means']:.4f}",
                      f"{s['score_std']:.4f}", f"{s['frac_within_margin']:.4f}"])
+    ceiling = labeller_ceiling(out, index)
+    if ceiling is not None:
+        data["labellers"] = {"accuracy": ceiling}
+        rows.append(["simulated labellers (the ceiling)", f"{ceiling:.4f}", "", "", "", ""])
     return head, rows, data
+
+
+def labeller_ceiling(out: Path, index: dict) -> float | None:
+    """How often the simulated labellers of the held-out comparisons agree with the gold order
+    (``labeler_stats.json`` beside the RM's eval data, written when the data were built): the
+    accuracy a score model trained on their labels can hope for. None without the file."""
+    rel = index["shared"].get("rm") or index["shared"].get("am")
+    if not rel or not (out / rel / "config.yaml").exists():
+        return None
+    eval_data = yaml_load((out / rel / "config.yaml").read_text()).get("eval_data") or ""
+    stats = Path(eval_data).parent / "labeler_stats.json"
+    if not stats.is_file():
+        return None
+    return json.loads(stats.read_text()).get("eval", {}).get("labeler/agreement_measured")
 
 
 def table2(index: dict) -> tuple[list[str], list[list[str]], dict]:
@@ -432,7 +451,8 @@ def build_report(out: Path) -> Path:
         *([("h2", "Did optimisation work? Training diagnostics of the PPO-type arms"),
            ("p", "objective: what PPO maximises, measured on the eval prompts with the rollouts' sampling "
                  "settings (the shaped score, normalised with the SFT answers' moments, less β·KL), at the "
-                 "first and last eval points; gain: end − start in standard errors of the difference; max "
+                 "first and last eval points; gain: end − start in standard errors of the mean per-prompt "
+                 "difference (the two points answer the same prompts with the same seed: paired); max "
                  "truncation: the largest share of a rollout that ran out of tokens; last value EV: the value "
                  "model's explained variance at the last step (GAE arms); advantage-score corr: the mean over "
                  "steps of corr(first token's advantage, score); warnings: the trainers' (listed below).")]

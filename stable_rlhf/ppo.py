@@ -431,8 +431,12 @@ class EvalObjective:
                                            cfg.kl_estimator)
         objective = rewards.sum(-1).double()
         n = len(objective)
+        by_prompt = [0.0] * len(records)  # one answer per prompt: in the records' order, for paired differences
+        for i, value in zip(gen.prompt_index, objective.tolist()):
+            by_prompt[i] = value
         return {"eval/objective": objective.mean().item(),
                 "eval/objective_se": objective.std().item() / n ** 0.5 if n > 1 else None,
+                "eval/objective_by_prompt": by_prompt,
                 "eval/objective_score": scores.mean().item(), "eval/objective_kl": kl.sum(-1).mean().item(),
                 "eval/objective_truncated": gen.truncated.float().mean().item()}
 
@@ -860,17 +864,19 @@ def step_warnings(cfg: PPOConfig, stats: dict) -> list[str]:
 
 def objective_change(history: list[dict]) -> dict:
     """summary.json's ``objective_start``, ``objective_end`` (``eval/objective`` at the first
-    and last eval points) and ``objective_gain_se``: the gain in standard errors of the
-    difference (the two SEs combined as if independent; the answers share prompts and a seed,
-    so this is conservative)."""
+    and last eval points), ``objective_gain`` and ``objective_gain_se``: the gain over the
+    standard error of the mean of the per-prompt differences (the two points answer the same
+    prompts with the same sampling seed: a paired comparison)."""
     points = [r for r in history if r.get("eval/objective") is not None]
     if len(points) < 2:
         return {}
     first, last = points[0], points[-1]
-    gain = last["eval/objective"] - first["eval/objective"]
-    se = ((first.get("eval/objective_se") or 0.0) ** 2 + (last.get("eval/objective_se") or 0.0) ** 2) ** 0.5
+    diffs = [b - a for a, b in zip(first["eval/objective_by_prompt"], last["eval/objective_by_prompt"])]
+    n = len(diffs)
+    gain = sum(diffs) / n
+    sd = (sum((d - gain) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0
     return {"objective_start": first["eval/objective"], "objective_end": last["eval/objective"],
-            "objective_gain_se": gain / se if se > 0 else None}
+            "objective_gain": gain, "objective_gain_se": gain / (sd / n ** 0.5) if sd > 0 else None}
 
 
 def finish(run: Run, cfg: PPOConfig, state: PPOState, evals: TrainingEval) -> dict:

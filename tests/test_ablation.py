@@ -222,7 +222,9 @@ def test_report_is_filled_from_the_run_directories(ablation):
         raise AssertionError(f"report.json holds a {name} literal: not JSON")
 
     data = json.loads((out / "report.json").read_text(), parse_constant=no_constants)
-    assert set(data["table1"]) == {"rm", "am", "rm-pertask"}
+    assert set(data["table1"]) == {"rm", "am", "rm-pertask", "labellers"}
+    labellers = json.loads(open("data/testbed/labeler_stats.json").read())["eval"]["labeler/agreement_measured"]
+    assert data["table1"]["labellers"]["accuracy"] == labellers and "simulated labellers (the ceiling)" in text
     for arm in ARMS:
         row = data["table2"][arm]
         wins = [json.loads((out / "arms" / arm / f"seed{s}" / "summary.json").read_text())["final"]["win"]

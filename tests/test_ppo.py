@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -101,9 +102,12 @@ def test_the_eval_objective_is_the_shaped_score_less_the_kl_penalty(reference_ru
     assert last["eval/objective_truncated"] == pytest.approx(truncated.float().mean().item())
     assert last["eval/objective"] == pytest.approx(last["eval/objective_score"] - cfg.kl_coef * last["eval/objective_kl"],
                                                    abs=1e-5)
-    gain = (last["eval/objective"] - points[0]["eval/objective"]) / math.hypot(points[0]["eval/objective_se"],
-                                                                               last["eval/objective_se"])
-    assert summary["final"]["objective_gain_se"] == pytest.approx(gain)
+    assert last["eval/objective"] == pytest.approx(sum(last["eval/objective_by_prompt"]) / len(rows))
+    diffs = [b - a for a, b in zip(points[0]["eval/objective_by_prompt"], last["eval/objective_by_prompt"])]
+    assert len(diffs) == len(rows) == 6
+    paired_t = statistics.mean(diffs) / (statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    assert summary["final"]["objective_gain"] == pytest.approx(statistics.mean(diffs))
+    assert summary["final"]["objective_gain_se"] == pytest.approx(paired_t)
     assert isinstance(summary["warnings"], list)
 
 
