@@ -3,8 +3,10 @@
 One encoding for every score model (training and use must see the same text): a
 causal-LM backbone with a chat template reads the chat-formatted prompt followed by the
 response and the end-of-turn token, exactly what the policy produced; an encoder
-(no chat template) reads the (prompt, response) pair with its own separator. Prompts
-are truncated from the left so the response is always seen whole.
+(no chat template) reads the (prompt, response) pair with its own separator, and an
+uncased one (MiniLM) reads it with marks for the capitals, line breaks and indentation
+its tokenizer drops (``mark_layout``). Prompts are truncated from the left so the
+response is always seen whole.
 
 ``ScoreSource`` is what PPO and rejection sampling call: a trained RM/AM, optionally
 z-normalised per task with the statistics of its own training data (the
@@ -14,6 +16,7 @@ z-normalised per task with the statistics of its own training data (the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -22,8 +25,54 @@ import torch
 from .models import ScoreModel, chat_prompt
 
 
+# What an uncased tokenizer (BERT's, MiniLM's) throws away, put back as marks: a word with
+# a capital first letter, a word in capitals, a line break, a step of indentation (4 columns,
+# a tab is one). Without them the score model cannot see the lowercase task's constraint,
+# a bullet list's lines or code's indentation. The marks are reserved vocabulary entries,
+# registered as special tokens so the tokenizer neither lowercases nor splits them: the
+# vocabulary and its ids do not change, and the marks' embeddings learn in training.
+LAYOUT_MARKS = {"capital": "[unused1]", "capitals": "[unused2]", "newline": "[unused3]", "indent": "[unused4]"}
+_CAPITALISED_RE = re.compile(r"\b[A-Z]\w*")
+
+
+def reads_lowercase(tokenizer) -> bool:
+    """Whether ``tokenizer`` lowercases its input (and so reads text through ``mark_layout``)."""
+    return bool(getattr(tokenizer, "do_lower_case", False)) and all(
+        tokenizer.convert_tokens_to_ids(m) != tokenizer.unk_token_id for m in LAYOUT_MARKS.values())
+
+
+def mark_layout(text: str) -> str:
+    """``text`` with ``LAYOUT_MARKS`` before capitalised and all-capitals words, for each line
+    break and for each step of a line's indentation."""
+    def mark(word: re.Match) -> str:
+        w = word.group(0)
+        letters = [c for c in w if c.isalpha()]
+        kind = "capitals" if len(letters) > 1 and all(c.isupper() for c in letters) else "capital"
+        return f"{LAYOUT_MARKS[kind]} {w}"
+
+    out = []
+    for line in text.split("\n"):
+        body = line.lstrip(" \t")
+        lead = line[: len(line) - len(body)]
+        steps = lead.count("\t") + -(-lead.count(" ") // 4)
+        out.append(" ".join([LAYOUT_MARKS["indent"]] * steps + [_CAPITALISED_RE.sub(mark, body)]))
+    return f" {LAYOUT_MARKS['newline']} ".join(out)
+
+
+def _with_marks(tokenizer) -> None:
+    """Register ``LAYOUT_MARKS`` as special tokens (once): their ids stay the vocabulary's."""
+    added = tokenizer.get_added_vocab()
+    missing = [m for m in LAYOUT_MARKS.values() if m not in added]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+
+
 def encode(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` (N, T) for (prompt, response) rows."""
+    """Right-padded ``input_ids`` / ``attention_mask`` (N, T) for (prompt, response) rows; an
+    uncased tokenizer reads them through ``mark_layout``."""
+    if reads_lowercase(tokenizer):
+        _with_marks(tokenizer)
+        prompts, responses = [mark_layout(p) for p in prompts], [mark_layout(r) for r in responses]
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"  # drop the start of a long prompt, never the response
     try:

@@ -233,3 +233,36 @@ def test_dropout_is_off_while_training_unless_asked(data, tmp_path, monkeypatch,
     monkeypatch.setattr(ScoreModel, "forward", recording)
     train(cfg_for(data, tmp_path / "rm", "epochs=1", f"dropout={str(dropout).lower()}"))
     assert modes and set(modes) == {dropout}
+
+
+def test_mark_layout_puts_back_what_an_uncased_tokenizer_drops():
+    from stable_rlhf.scoring import mark_layout
+
+    text = "Hello World, NASA and iPhone.\n- item one\n    def f(x):\n\treturn X\n  two"
+    assert mark_layout(text) == ("[unused1] Hello [unused1] World, [unused2] NASA and iPhone. [unused3] - item one "
+                                 "[unused3] [unused4] def f(x): [unused3] [unused4] return [unused1] X "
+                                 "[unused3] [unused4] two")
+    assert mark_layout("all lowercase here") == "all lowercase here"
+
+
+def test_the_minilm_score_model_sees_case_line_breaks_and_indentation():
+    from stable_rlhf.config import ModelConfig
+    from stable_rlhf.models import load_score_model
+    from stable_rlhf.scoring import LAYOUT_MARKS, encode
+
+    _, tokenizer = load_score_model(ModelConfig(name_or_path="minilm"), device="cpu")
+    vocab = len(tokenizer)
+
+    def ids(response: str) -> list[int]:
+        enc = encode(tokenizer, ["write it"], [response], 64)
+        return enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+
+    # each pair reads the same to the bare tokenizer, and differently to the score model
+    for a, b in (("the cat sat.", "The Cat sat."), ("one two", "one\ntwo"), ("x = 1", "    x = 1"),
+                 ("loud words", "LOUD words")):
+        assert tokenizer(a)["input_ids"] == tokenizer(b)["input_ids"]
+        assert ids(a) != ids(b), (a, b)
+    marks = tokenizer.convert_tokens_to_ids(list(LAYOUT_MARKS.values()))
+    assert len(tokenizer) == vocab and marks == [2, 3, 4, 5]  # reserved entries: no new ids
+    assert set(ids("A\n\tB")) >= {marks[0], marks[2], marks[3]}
+
