@@ -246,6 +246,12 @@ def diagnostics_table(index: dict) -> tuple[list[str], list[list[str]], dict]:
     return head, rows, data
 
 
+def warning_line(label: str, seed: str, warnings: list[str], shown: int = 3) -> str:
+    """One paragraph per arm and seed: its first ``shown`` warnings and how many more."""
+    more = f"; and {len(warnings) - shown} more (summary.json)" if len(warnings) > shown else ""
+    return f"Warnings, {label} seed {seed} ({len(warnings)}): " + "; ".join(warnings[:shown]) + more + "."
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -457,8 +463,8 @@ def build_report(out: Path) -> Path:
                  "model's explained variance at the last step (GAE arms); advantage-score corr: the mean over "
                  "steps of corr(first token's advantage, score); warnings: the trainers' (listed below).")]
           + [("table", (diag_head, diag_rows))]
-          + [("p", f"warning, {index['arms'][n]['label']} seed {s}: {w}") for n, d in diag.items()
-             for s, ws in d["warnings"].items() for w in ws]
+          + [("p", warning_line(index["arms"][n]["label"], s, ws)) for n, d in diag.items()
+             for s, ws in d["warnings"].items() if ws]
           if diag_rows else []),
         ("h2", "Gold reward per task (final eval: each task's raw gold scale; all: the normalised mean)"),
         ("table", (gold_head, gold_rows)),

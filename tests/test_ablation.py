@@ -485,3 +485,11 @@ def test_the_same_command_twice_gives_the_same_report(tmp_path):
     json.loads(reports[0])  # strict JSON
     assert reports[0] == reports[1]
     assert summaries[0] == summaries[1] and len(summaries[0]) == 3
+
+
+def test_the_report_shows_the_first_warnings_of_a_run_and_counts_the_rest():
+    from analysis.ablation_report import warning_line
+
+    assert warning_line("RM-PPO", "0", ["w1", "w2", "w3", "w4", "w5"]) == \
+        "Warnings, RM-PPO seed 0 (5): w1; w2; w3; and 2 more (summary.json)."
+    assert warning_line("AM-PPO", "1", ["only"]) == "Warnings, AM-PPO seed 1 (1): only."
