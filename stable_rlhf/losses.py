@@ -201,6 +201,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask.to(x.dtype)
 
 
+def masked_rescale(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x / std over real tokens, not centred (every value keeps its sign); padding 0."""
+    return x * torch.rsqrt(masked_var(x, mask) + eps) * mask.to(x.dtype)
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) per position. (B, T, V), (B, T) -> (B, T), in float32 at least.
 

@@ -352,3 +352,23 @@ def test_critic_free_rollouts_sample_each_prompt_group_size_times(tmp_path, monk
     prompts = seen[1]  # seen[0]: step 0's eval objective, sampled from the eval prompts
     assert len(seen[0]) == 6 and len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
     assert prompts[0] != prompts[4]
+
+
+def test_uncentred_whitening_only_rescales_the_gae_advantages():
+    from types import SimpleNamespace
+
+    from stable_rlhf.losses import gae, kl_penalised_rewards
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    rollout = SimpleNamespace(scores=torch.tensor([1.5, -0.5]), logprobs=torch.randn(2, 5, generator=g) * mask,
+                              ref_logprobs=torch.randn(2, 5, generator=g) * mask, mask=mask,
+                              values=torch.randn(2, 5, generator=g) * mask)
+    centred, scaled = (load_config(ppo.PPOConfig, None, [f"whiten_centre={c}"]) for c in ("true", "false"))
+    rewards, _ = kl_penalised_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, 0.1, "k1")
+    raw, _ = gae(rewards, rollout.values, mask, centred.gamma, centred.lam)
+    ppo.gae_advantages(scaled, rollout, 0.1)
+    std = raw[mask].std()
+    torch.testing.assert_close(rollout.advantages[mask], raw[mask] / std, rtol=1e-5, atol=1e-6)
+    ppo.gae_advantages(centred, rollout, 0.1)
+    torch.testing.assert_close(rollout.advantages[mask], (raw[mask] - raw[mask].mean()) / std, rtol=1e-5, atol=1e-6)

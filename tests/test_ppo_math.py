@@ -19,6 +19,7 @@ from stable_rlhf.losses import (
     logprobs_from_logits,
     masked_mean,
     masked_var,
+    masked_rescale,
     masked_whiten,
     nll_loss,
     policy_loss,
@@ -77,6 +78,17 @@ def test_masked_var_of_fewer_than_two_tokens_is_zero():
     x = t([[3.0, 7.0, 9.0]])
     assert masked_var(x, torch.tensor([[True, False, False]])).item() == 0.0
     assert masked_var(x, torch.tensor([[False, False, False]])).item() == 0.0
+
+
+def test_masked_rescale_divides_by_the_real_tokens_std_and_keeps_signs():
+    x = torch.tensor([[1.0, -3.0, 2.0, 99.0], [0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    real = [1.0, -3.0, 2.0, 0.5]
+    mean = sum(real) / 4
+    std = (sum((v - mean) ** 2 for v in real) / 3) ** 0.5  # unbiased, as masked_var
+    out = masked_rescale(x, mask)
+    assert out[mask].tolist() == pytest.approx([v / std for v in real], rel=1e-7)
+    assert torch.all(out[~mask] == 0)
 
 
 def test_masked_whiten_real_tokens_mean_0_var_1_padding_0():
