@@ -103,24 +103,20 @@ class PolicyEvaluator:
         self.reference: dict[str, list[dict]] = {}
         self.probe: Optional[ObjectiveProbe] = None
         """the trainer's objective on the eval prompts (PPO's), measured at each eval point"""
-        self.probe_stats: dict = {}
 
-    def _answer(self, model, tokenizer, records: list[dict], device, probe: Optional["ObjectiveProbe"] = None):
-        """The answers' rows; with ``probe`` also the probe's stats: on these very answers when
-        they were sampled as the trainer samples its rollouts, else on its own sample."""
+    def _answer(self, model, tokenizer, records: list[dict], device):
+        """The answers' rows, and the ``Generation`` they were decoded from."""
         from .generation import generate
         from .testbed.evaluate import score_samples
 
         gen = generate(model, tokenizer, [r["prompt"] for r in records], self.cfg.generation, n=1,
                        seed=self.cfg.seed, device=device, progress=False)
         rows = score_samples(records, gen, self.workers)
-        if probe is not None:
-            self.probe_stats = probe(model, records, gen if same_sampling(probe.sampling, self.cfg.generation) else None)
         if self.proxy is not None:
             proxy = self.proxy(records, [r["response"] for r in rows])
             for row, s in zip(rows, proxy.tolist()):
                 row["proxy"] = float(s)
-        return rows
+        return rows, gen
 
     def prepare_reference(self, sft_model, tokenizer, device) -> None:
         """The SFT policy's answers, sampled once (cached in the run directory for resume;
@@ -144,7 +140,7 @@ class PolicyEvaluator:
             elif sft_model is None:
                 raise FileNotFoundError(f"{path}: the SFT reference answers of this run are missing")
             else:
-                self.reference[name] = self._answer(sft_model, tokenizer, records, device)
+                self.reference[name] = self._answer(sft_model, tokenizer, records, device)[0]
                 atomic_write_jsonl(path, self.reference[name])
 
     @torch.no_grad()
@@ -158,15 +154,14 @@ class PolicyEvaluator:
 
         stats: dict = {}
         for name, records in self.sets.items():
-            probe = self.probe if name == "eval" else None
             if is_reference:
-                rows = copy.deepcopy(self.reference[name])
-                if probe is not None:
-                    self.probe_stats = probe(model, records, None)
+                rows, gen = copy.deepcopy(self.reference[name]), None
             else:
-                rows = self._answer(model, tokenizer, records, device, probe)
-            if probe is not None:
-                stats.update(self.probe_stats)
+                rows, gen = self._answer(model, tokenizer, records, device)
+            if self.probe is not None and name == "eval":
+                # on these very answers when they were sampled as the trainer samples, else on its own
+                same = gen is not None and same_sampling(self.probe.sampling, self.cfg.generation)
+                stats.update(self.probe(model, records, gen if same else None))
             table = task_table(rows)
             ref = self.reference[name]
             wlt = win_lose_tie([r["gold"] for r in rows], [r["gold"] for r in ref])

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Optional
@@ -886,11 +887,10 @@ def objective_change(history: list[dict]) -> dict:
         return {}
     first, last = points[0], points[-1]
     diffs = [b - a for a, b in zip(first["eval/objective_by_prompt"], last["eval/objective_by_prompt"])]
-    n = len(diffs)
-    gain = sum(diffs) / n
-    sd = (sum((d - gain) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    gain = statistics.mean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return {"objective_start": first["eval/objective"], "objective_end": last["eval/objective"],
-            "objective_gain": gain, "objective_gain_se": gain / (sd / n ** 0.5) if sd > 0 else None}
+            "objective_gain": gain, "objective_gain_se": gain / (sd / len(diffs) ** 0.5) if sd > 0 else None}
 
 
 def finish(run: Run, cfg: PPOConfig, state: PPOState, evals: TrainingEval) -> dict:

@@ -521,9 +521,16 @@ def degenerate_reason(record: dict, response: str) -> str | None:
     its task, repeated tokens, the prompt echoed, bare markup, too long; for prose tasks
     also lookalike letters or no prose to the fluency judge), or None: the gate
     the gold reward floors before scoring, and the report's degenerate-answer meter."""
+    return _read_and_gate(record, response)[1]
+
+
+def _read_and_gate(record: dict, response: str) -> tuple[str | None, str | None]:
+    """(the answer as the scorers read it, why it is degenerate or None); a response over
+    ``MAX_RESPONSE_CHARS`` is not read at all."""
     if len(response) > MAX_RESPONSE_CHARS:
-        return "too_long"
-    return _degenerate_reason(record, _as_read(record["task"], response))
+        return None, "too_long"
+    text = _as_read(record["task"], response)
+    return text, _degenerate_reason(record, text)
 
 
 def _as_read(task: str, response: str) -> str:
@@ -551,10 +558,7 @@ def _score_response(task: str, record: dict, response: str) -> dict:
     """The unguarded scoring path: the degeneracy gate, the task's scorer, the shared
     adjustments, all on the answer as a reader sees it (``_as_read``). Ends by checking the
     score is a finite number (a NaN would pass ``_clip01`` as 1.0)."""
-    if len(response) > MAX_RESPONSE_CHARS:
-        return {"score": 0.0, "degenerate": "too_long"}
-    text = _as_read(task, response)
-    reason = _degenerate_reason(record, text)
+    text, reason = _read_and_gate(record, response)
     if reason is not None:
         return {"score": 0.0, "degenerate": reason}
     out = _SCORERS[task](record["meta"], text)
