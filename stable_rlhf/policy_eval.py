@@ -160,8 +160,12 @@ class PolicyEvaluator:
                 rows, gen = self._answer(model, tokenizer, records, device)
             if self.probe is not None and name == "eval":
                 # on these very answers when they were sampled as the trainer samples, else on its own
-                same = gen is not None and same_sampling(self.probe.sampling, self.cfg.generation)
-                stats.update(self.probe(model, records, gen if same else None))
+                if not same_sampling(self.probe.sampling, self.cfg.generation):
+                    stats.update(self.probe(model, records, None))
+                elif is_reference:
+                    stats.update(self.probe(model, records, None, reference=rows))
+                else:
+                    stats.update(self.probe(model, records, gen))
             table = task_table(rows)
             ref = self.reference[name]
             wlt = win_lose_tie([r["gold"] for r in rows], [r["gold"] for r in ref])
@@ -245,11 +249,13 @@ def final_metrics(stats: dict) -> dict:
 class ObjectiveProbe(Protocol):
     """What a trainer optimises, measured on the eval prompts: ``probe(model, records, gen)``
     returns ``eval/objective...`` stats for answers sampled with ``sampling`` (``gen``: the
-    evaluator's own answers when its settings equal ``sampling``; None: the probe samples)."""
+    evaluator's own answers when its settings equal ``sampling``; None: the probe samples).
+    ``reference``: at step 0, when the settings are equal, the SFT reference answers' rows,
+    which are the policy's own answers (it is still the SFT policy): nothing is sampled."""
 
     sampling: GenerationConfig
 
-    def __call__(self, model, records: list[dict], gen) -> dict: ...
+    def __call__(self, model, records: list[dict], gen, reference: list[dict] | None = None) -> dict: ...
 
 
 class TrainingEval:

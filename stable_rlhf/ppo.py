@@ -414,7 +414,9 @@ class EvalObjective:
     the mean over the answers of the sequence reward of ``gae_advantages``, the shaped score
     (``shape_scores``) less β·KL to the reference, for answers sampled with the rollouts'
     settings (``generation``; the evaluator's own answers when its settings are the same,
-    else a sample of its own with the eval seed) at the current β. The score is normalised
+    else a sample of its own with the eval seed) at the current β. At step 0, with the same
+    settings, the answers are the SFT reference's, the very ones the gold and win rates of
+    that eval point read, and their KL is 0 (the policy is the reference). The score is normalised
     with fixed moments, those of the SFT policy's answers at step 0 (the running moments
     move with the policy: they would hide a rise), so the objective of two eval points is
     comparable; ``eval/objective_se`` is its standard error over the answers."""
@@ -424,31 +426,40 @@ class EvalObjective:
         self.sampling = cfg.generation
 
     @torch.no_grad()
-    def __call__(self, model, records: list[dict], gen: Optional[Generation]) -> dict:
+    def __call__(self, model, records: list[dict], gen: Optional[Generation],
+                 reference: Optional[list[dict]] = None) -> dict:
         cfg, state, device = self.cfg, self.state, self.run.device
-        if gen is None:
-            gen = generate(model, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
-                           seed=cfg.eval.seed, device=device, progress=False)
-        gen = gen.to(device)
-        raw = self.reward([records[i] for i in gen.prompt_index], gen.responses).to(device).float()
+        if reference is not None:  # the policy is the reference: its answers are these, their KL 0
+            responses, truncated = [r["response"] for r in reference], torch.tensor([r["truncated"] for r in reference])
+            prompt_index = list(range(len(records)))
+        else:
+            if gen is None:
+                gen = generate(model, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
+                               seed=cfg.eval.seed, device=device, progress=False)
+            gen = gen.to(device)
+            responses, truncated, prompt_index = gen.responses, gen.truncated, gen.prompt_index
+        raw = self.reward([records[i] for i in prompt_index], responses).to(device).float()
         if not torch.isfinite(raw).all():
             return {"eval/objective": None, "eval/objective_se": None}
         if state.eval_moments is None:
             state.eval_moments = [raw.mean().item(), raw.std().item() if len(raw) > 1 else 1.0]
-        scores = shape_scores(cfg, raw, gen.truncated, *state.eval_moments)
-        logprobs, ref_logprobs, _ = sequence_passes(cfg, state, gen)
-        rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, gen.response_mask, state.kl_ctl.value,
-                                           cfg.kl_estimator)
-        objective = rewards.sum(-1).double()
+        scores = shape_scores(cfg, raw, truncated.to(device), *state.eval_moments)
+        if reference is not None:
+            objective, kl = scores.double(), torch.zeros(len(scores), device=device)
+        else:
+            logprobs, ref_logprobs, _ = sequence_passes(cfg, state, gen)
+            rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, gen.response_mask,
+                                               state.kl_ctl.value, cfg.kl_estimator)
+            objective, kl = rewards.sum(-1).double(), kl.sum(-1)
         n = len(objective)
         by_prompt = [0.0] * len(records)  # one answer per prompt: in the records' order, for paired differences
-        for i, value in zip(gen.prompt_index, objective.tolist()):
+        for i, value in zip(prompt_index, objective.tolist()):
             by_prompt[i] = value
         return {"eval/objective": objective.mean().item(),
                 "eval/objective_se": objective.std().item() / n ** 0.5 if n > 1 else None,
                 "eval/objective_by_prompt": by_prompt,
-                "eval/objective_score": scores.mean().item(), "eval/objective_kl": kl.sum(-1).mean().item(),
-                "eval/objective_truncated": gen.truncated.float().mean().item()}
+                "eval/objective_score": scores.mean().item(), "eval/objective_kl": kl.mean().item(),
+                "eval/objective_truncated": truncated.float().mean().item()}
 
 
 # --------------------------------------------------------------------------- the recipe

@@ -97,6 +97,13 @@ def test_the_eval_objective_is_the_shaped_score_less_the_kl_penalty(reference_ru
     gold = GoldReward(workers=1)([records[r["id"]] for r in rows], [r["response"] for r in rows]).float()
     truncated = torch.tensor([r["truncated"] for r in rows])
     shaped = ppo.shape_scores(cfg, gold, truncated, mean, std)  # the gold source: raw, penalty in sigmas
+    # step 0: the SFT reference answers themselves (the policy is the reference), whose raw
+    # scores give the fixed moments; nothing else is sampled
+    ref = read_jsonl(out / "eval_reference_eval.jsonl")
+    ref_gold = GoldReward(workers=1)([records[r["id"]] for r in ref], [r["response"] for r in ref]).float()
+    assert [mean, std] == pytest.approx([ref_gold.mean().item(), ref_gold.std().item()])
+    ref_shaped = ppo.shape_scores(cfg, ref_gold, torch.tensor([r["truncated"] for r in ref]), mean, std)
+    assert points[0]["eval/objective_by_prompt"] == pytest.approx(ref_shaped.tolist(), abs=1e-6)
     last = points[-1]
     assert last["eval/objective_score"] == pytest.approx(shaped.mean().item(), abs=1e-6)
     assert last["eval/objective_truncated"] == pytest.approx(truncated.float().mean().item())
