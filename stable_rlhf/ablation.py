@@ -3,8 +3,8 @@
 Shared stages run once under ``out_dir/shared/`` and every arm reuses them:
 
     prompt_pool.jsonl    the PPO prompts (``prompts``, first ``prompts_per_task`` of each task)
-    rm/, am/             the reward and advantage models (train-rm, train-am; with ``am_from_rm``
-                         the AM starts from the trained RM)
+    rm/, am/             the reward and advantage models (train-rm, train-am, from the same starting
+                         point; with ``am_from_rm`` the AM starts from the trained RM)
     rm-pertask/          the per-task-normalised RM's held-out scores (Table 1; its PPO score is
                          the RM z-scored per task with the RM's training statistics)
     eval_reference/      the SFT policy's answers to the eval and forgetting prompts, the
@@ -139,8 +139,9 @@ class AblationConfig:
     """RM / AM training (objective and out_dir are set per model)"""
     score_seed: int = 0
     """seed of the shared RM and AM"""
-    am_from_rm: bool = True
-    """initialise the AM from the trained RM (on the testbed a from-scratch AM did not learn to rank)"""
+    am_from_rm: bool = False
+    """initialise the AM from the trained RM instead of the RM's own starting point (with
+    ``am.scale: free`` the AM learns to rank from scratch)"""
     select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
     """Selective Rehearsal's selector (prompts, model, score and strategy are set by the runner)"""
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)

@@ -68,13 +68,17 @@ def task_moment_loss(
     scores: torch.Tensor,
     task_ids: torch.Tensor,
     n_tasks: int,
-    target_std: float,
+    target_std: float | None,
     prior_mean: torch.Tensor | None = None,
     prior_var: torch.Tensor | None = None,
     prior_count: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, dict]:
     """Σ_t [μ_t² + (log s_t - log s*)²]: every task's scores have mean 0 and spread s*.
+
+    ``target_std=None`` leaves s* free: log s* is the mean of the tasks' log s_t, so the
+    spread part equalises the spreads without setting their scale (its gradient along a
+    common rescaling of every score is zero).
 
     scores (N,) real responses only, task_ids (N,) long in [0, n_tasks). μ_t and s_t are
     the batch moments of task t, pooled with a detached prior (running estimates: mean,
@@ -103,7 +107,8 @@ def task_moment_loss(
     mean = s1[present] / n[present]  # (T',)
     var = (s2[present] / n[present] - mean**2).clamp(min=0.0)
     log_std = 0.5 * torch.log(var + eps)
-    per_task = mean**2 + (log_std - math.log(target_std)) ** 2  # (T',)
+    log_target = log_std.mean() if target_std is None else math.log(target_std)
+    per_task = mean**2 + (log_std - log_target) ** 2  # (T',)
     loss = per_task.sum()
     return loss, {
         "loss/task": loss.item(),

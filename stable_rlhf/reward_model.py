@@ -50,7 +50,7 @@ from .scoring import encode, normalise_per_task, per_task_stats, score_texts
 class AMLossConfig:
     """Advantage-model terms (docs/methods.md); each is logged on its own."""
 
-    center_coef: float = 1.0
+    center_coef: float = 0.3
     """λ_c: weight of E_x[(mean_k a(x, y_k))²] over comparisons of SFT samples"""
     center_on: Literal["sft_samples", "all", "off"] = "sft_samples"
     """which comparisons the centring term uses: those marked sft_samples (the K responses
@@ -62,20 +62,28 @@ class AMLossConfig:
     task_coef: float = 0.1
     """λ_t: weight of Σ_t [μ_t² + (log s_t - log s*)²]"""
     target_std: float = 0.8
-    """s*: the common per-task spread; m / s* ≈ 3 so the bound rarely binds"""
+    """s*: the common per-task spread (scale fixed); m / s* ≈ 3 so the bound rarely binds"""
+    scale: Literal["fixed", "free"] = "free"
+    """fixed: every task's spread is target_std; free: the tasks' spreads are equal, at a
+    common spread the loss does not set (s* is the mean of the tasks' log spreads), so the
+    ranking loss sets the scale, as for an RM. A spread target the labels cannot support
+    forces a scale the ranking does not earn: on the CPU testbed the fixed 0.8 costs ranking
+    accuracy. std_floor stays absolute: spreads well below it are not equalised (a floor
+    relative to the batch's spread let the spread part collapse the scores' ranking)"""
     std_floor: float = 0.1
     """floor added (as a variance) inside log s_t: a task whose few batch scores nearly
     coincide would otherwise give the log-spread term a gradient ~1/s_t that swamps the rest"""
-    running_count: float = 8.0
-    """effective count of the detached running per-task moments pooled with each batch's;
-    small enough that the batch's own scores (~batch_size·K / tasks) carry the gradient"""
+    running_weight: float = 0.5
+    """w: the detached running per-task moments are pooled into a batch's with an effective
+    count of w times that task's scores in the batch, so the batch's own scores carry
+    1 / (1 + w) of the pooled moments (and of the gradient) at any batch size"""
     running_momentum: float = 0.9
     """EMA momentum of the running per-task moments"""
 
     def __post_init__(self):
         if self.margin <= 0 or self.target_std <= 0:
             raise ValueError("margin and target_std must be > 0")
-        if min(self.center_coef, self.bound_coef, self.task_coef, self.running_count) < 0:
+        if min(self.center_coef, self.bound_coef, self.task_coef, self.running_weight) < 0:
             raise ValueError("coefficients must be >= 0")
         if not 0 <= self.running_momentum < 1:
             raise ValueError("running_momentum must be in [0, 1)")
@@ -197,14 +205,18 @@ def to_grid(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class RunningTaskMoments:
     """EMA of per-task score mean and variance: the prior pooled into the task term."""
 
-    def __init__(self, n_tasks: int, momentum: float, count: float):
+    def __init__(self, n_tasks: int, momentum: float, weight: float):
         self.mean = torch.zeros(n_tasks, dtype=torch.float64)
         self.var = torch.ones(n_tasks, dtype=torch.float64)
         self.seen = torch.zeros(n_tasks, dtype=torch.bool)
-        self.momentum, self.count = momentum, count
+        self.momentum, self.weight = momentum, weight
 
-    def prior(self) -> dict:
-        return {"prior_mean": self.mean, "prior_var": self.var, "prior_count": self.seen.double() * self.count}
+    def prior(self, task_ids: torch.Tensor) -> dict:
+        """The prior for a batch of ``task_ids``: each seen task's running moments, counted
+        ``weight`` times the task's scores in the batch."""
+        in_batch = torch.bincount(task_ids.cpu(), minlength=len(self.mean)).double()
+        return {"prior_mean": self.mean, "prior_var": self.var,
+                "prior_count": self.seen.double() * self.weight * in_batch}
 
     def update(self, scores: torch.Tensor, task_ids: torch.Tensor) -> None:
         n, mean, var = batch_task_moments(scores.double().cpu(), task_ids.cpu(), len(self.mean))
@@ -231,9 +243,9 @@ def score_loss(cfg: ScoreTrainConfig, flat: torch.Tensor, batch: dict, running: 
         am = cfg.am
         center, s_c = centering_loss(scores, mask, batch["centred"].to(flat.device))
         bound, s_b = bound_loss(scores, mask, am.margin)
-        prior = {k: v.to(flat.device) for k, v in running.prior().items()}
-        task, s_t = task_moment_loss(flat, batch["task_ids"].to(flat.device), len(running.mean), am.target_std,
-                                     eps=am.std_floor**2, **prior)
+        prior = {k: v.to(flat.device) for k, v in running.prior(batch["task_ids"]).items()}
+        task, s_t = task_moment_loss(flat, batch["task_ids"].to(flat.device), len(running.mean),
+                                     None if am.scale == "free" else am.target_std, eps=am.std_floor**2, **prior)
         loss = loss + am.center_coef * center + am.bound_coef * bound + am.task_coef * task
         stats.update(s_c | s_b | s_t)
         running.update(flat.detach(), batch["task_ids"])
@@ -411,7 +423,7 @@ def train(cfg: ScoreTrainConfig) -> dict:
     run = Run(cfg, cfg.objective, log_with=cfg.log_with, fresh_files=("scores_eval.jsonl",), fresh_dirs=("model",))
     model, tokenizer = load_score_model(cfg.model, device=run.device, init_from=cfg.init_from, trainable=True)  # 2.
     freeze_lower_layers(model, cfg.train_layers)
-    running = RunningTaskMoments(len(tasks), cfg.am.running_momentum, cfg.am.running_count)
+    running = RunningTaskMoments(len(tasks), cfg.am.running_momentum, cfg.am.running_weight)
     state = TrainState(run, model, score_optimizer(model, cfg), cfg, len(train_set), running=running)
     state.resume(run.start(cfg.resume))  # 3.
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

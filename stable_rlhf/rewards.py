@@ -29,9 +29,12 @@ class RewardConfig:
     """gold (oracle), rm, am or rm-pertask (a per-task-normalised RM)"""
     path: Optional[str] = None
     """saved score model directory (rm / am / rm-pertask): a train-rm / train-am run's model/"""
-    normalize: Literal["auto", "none", "running"] = "auto"
-    """running: z-score with running global mean/std of all scores seen; auto: running for
-    rm, none for the others (an AM is already centred and scaled, gold is in [0, 1])"""
+    normalize: Literal["auto", "none", "running", "scale"] = "auto"
+    """running: z-score with running global mean/std of all scores seen; scale: divide by the
+    score model's standard deviation on its own training responses (saved with it), no
+    centring; auto: running for rm, scale for am (an AM is already centred, and in the RM's
+    unit its scores weigh against β·KL as the RM arm's do), none for gold (in [0, 1]) and
+    rm-pertask (z-scored per task)"""
     batch_size: int = 32
     """responses per score-model forward pass"""
     max_length: int = 512
@@ -46,6 +49,11 @@ class RewardConfig:
     @property
     def running_normalisation(self) -> bool:
         return self.normalize == "running" or (self.normalize == "auto" and self.source == "rm")
+
+    @property
+    def training_scale(self) -> bool:
+        """Whether scores are divided by the score model's training-time standard deviation."""
+        return self.normalize == "scale" or (self.normalize == "auto" and self.source == "am")
 
 
 class GoldReward:
@@ -76,6 +84,13 @@ class ModelReward:
         trained_as = self.source.objective
         if (cfg.source == "am") != (trained_as == "am"):
             raise ValueError(f"reward.source={cfg.source} but {cfg.path} was trained as objective={trained_as}")
+        self.scale = 1.0
+        if cfg.training_scale:
+            stats = self.model.extra.get("score_stats", {}).get("global")
+            if not stats or not stats.get("std", 0) > 0:
+                raise ValueError(f"{cfg.path}: reward.normalize=scale needs the training score statistics "
+                                 "saved with the model (score_model.json extra.score_stats.global.std)")
+            self.scale = float(stats["std"])
 
     @property
     def model(self):
@@ -83,7 +98,7 @@ class ModelReward:
 
     def __call__(self, records: list[dict], responses: list[str]) -> torch.Tensor:
         scores = self.source([r["prompt"] for r in records], responses, [r.get("task", "default") for r in records])
-        return scores.float()
+        return scores.float() / self.scale
 
 
 def build_reward(cfg: RewardConfig, device=None):

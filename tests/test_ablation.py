@@ -67,11 +67,10 @@ def test_plan_needs_only_what_the_arms_use(tmp_path):
     assert shared_stages(tmp_path, ["sft", "gold-ppo"]) == always
     assert shared_stages(tmp_path, ["rm-ppo"]) == ["shared/prompt_pool", "shared/rm", "shared/rm-pertask",
                                                    "shared/eval_reference"]
-    assert shared_stages(tmp_path, ["am-ppo"]) == ["shared/prompt_pool", "shared/rm", "shared/am",
-                                                   "shared/rm-pertask", "shared/eval_reference"]
-    assert shared_stages(tmp_path, ["am-ppo"], "am_from_rm=false") == ["shared/prompt_pool", "shared/am",
-                                                                       "shared/eval_reference"]
-    sr = shared_stages(tmp_path, ["sr"], "arms.sr.score=gold", "arms.sr.rehearsal=random", "am_from_rm=false")
+    assert shared_stages(tmp_path, ["am-ppo"]) == ["shared/prompt_pool", "shared/am", "shared/eval_reference"]
+    assert shared_stages(tmp_path, ["am-ppo"], "am_from_rm=true") == ["shared/prompt_pool", "shared/rm", "shared/am",
+                                                                      "shared/rm-pertask", "shared/eval_reference"]
+    sr = shared_stages(tmp_path, ["sr"], "arms.sr.score=gold", "arms.sr.rehearsal=random")
     assert sr == ["shared/prompt_pool", "shared/am", "shared/eval_reference", "shared/select-clustered",
                   "shared/select-random"]  # the random selector reuses the clustered one's samples
 
@@ -89,7 +88,9 @@ def test_plan_shares_stages_and_wires_every_arm(tmp_path):
         assert set(stage.inputs) <= set(names[:i]), stage.name
         assert stage.out in (out / stage.name, out / "shared" / "prompt_pool.jsonl")
     rm, am, select = plan["shared/rm"], plan["shared/am"], plan["shared/select-clustered"]
-    assert am.config.init_from == str(rm.out / "model") and am.inputs == ("shared/rm",)
+    assert am.config.init_from is None and am.inputs == ()
+    from_rm = build_plan(tiny_config(out, "run_arms=[am-ppo]", "am_from_rm=true"))["shared/am"]
+    assert from_rm.config.init_from == str(rm.out / "model") and from_rm.inputs == ("shared/rm",)
     assert rm.config.objective == "rm" and am.config.objective == "am" and rm.config.seed == cfg.score_seed
     assert select.config.prompts == str(plan["shared/prompt_pool"].out)
     assert select.config.reward.path == str(am.out / "model") and select.inputs == ("shared/prompt_pool", "shared/am")
@@ -147,9 +148,9 @@ def test_shared_stages_and_every_arm_seed_ran(ablation):
             keys = {"gold_reward", "win", "lose", "tie", "forget_win"} | ({"kl"} if arm != "rejection-sampling" else set())
             assert keys <= set(summary["final"]), arm
             assert summary["per_task"], arm
-    # The AM starts from the RM; rehearsal selection scored with the shared AM.
+    # The AM starts where the RM does (not from it); rehearsal selection scored with the shared AM.
     am_cfg = yaml.safe_load((out / "shared" / "am" / "config.yaml").read_text())
-    assert am_cfg["init_from"] == str(out / "shared" / "rm" / "model") and am_cfg["objective"] == "am"
+    assert am_cfg["init_from"] is None and am_cfg["objective"] == "am"
     report = json.loads((out / "shared" / "select-random" / "selection_report.json").read_text())
     assert report["samples_from"].startswith("reused from") and report["strategy"] == "random"
 

@@ -101,6 +101,21 @@ def test_task_moment_loss_hand_computed():
     assert loss.item() == pytest.approx(4.0 + 2 * math.log(2) ** 2)
 
 
+def test_task_moment_loss_free_spread_equalises_without_scaling():
+    # task 0: mean 0, std 1; task 1: mean 0, std 4 -> log s* = mean(log 1, log 4) = log 2
+    scores = t([-1.0, 1.0, -4.0, 4.0]).requires_grad_()
+    tasks = torch.tensor([0, 0, 1, 1])
+    loss, _ = task_moment_loss(scores, tasks, n_tasks=2, target_std=None, eps=0.0)
+    assert loss.item() == pytest.approx(2 * math.log(2) ** 2)
+    loss.backward()
+    # rescaling every score leaves the spread part unchanged: its gradient is orthogonal to the scores
+    assert torch.dot(scores.grad, scores.detach()).item() == pytest.approx(0.0, abs=1e-12)
+    twice, _ = task_moment_loss(2 * scores.detach(), tasks, n_tasks=2, target_std=None, eps=0.0)
+    assert twice.item() == pytest.approx(loss.item())
+    # the wider task is pulled in, the narrower pushed out
+    assert scores.grad[3] > 0 > scores.grad[1]
+
+
 def test_task_moment_loss_pools_a_detached_prior():
     scores = t([1.0, 3.0]).requires_grad_()
     tasks = torch.tensor([0, 0])

@@ -2,6 +2,7 @@
 skips and stops on non-finite losses, and resumes exactly after SIGKILL."""
 
 import json
+import math
 import random
 
 import pytest
@@ -266,3 +267,45 @@ def test_the_minilm_score_model_sees_case_line_breaks_and_indentation():
     assert len(tokenizer) == vocab and marks == [2, 3, 4, 5]  # reserved entries: no new ids
     assert set(ids("A\n\tB")) >= {marks[0], marks[2], marks[3]}
 
+
+
+def test_running_moments_count_relative_to_the_batch():
+    """The running prior counts w times each task's scores in the batch, so with w = 0.5 a
+    batch's own scores carry 2/3 of the pooled mean whatever the batch size."""
+    running = rmod.RunningTaskMoments(3, momentum=0.9, weight=0.5)
+    running.update(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 1]))  # task 2 never seen
+    for per_task in (2, 6):
+        ids = torch.tensor([0] * per_task + [1] * per_task + [2] * per_task)
+        prior = running.prior(ids)
+        assert prior["prior_count"].tolist() == [0.5 * per_task, 0.5 * per_task, 0.0]
+        scores = torch.zeros(len(ids), dtype=torch.float64, requires_grad=True)
+        loss, _ = rmod.task_moment_loss(scores, ids, 3, target_std=1.0, eps=1.0, **prior)
+        loss.backward()
+        # task 0 (prior mean 2, var 1; batch scores 0): n = 1.5·b, μ = 2/3, s² = 2.5/1.5 - μ²;
+        # d/da_i [μ² + (½·log(s² + 1))²] = (2μ/n)·(1 - ½·log(s² + 1)/(s² + 1)), the same for any b
+        n, mu = 1.5 * per_task, 2 / 3
+        var = 2.5 / 1.5 - mu**2
+        half_log = 0.5 * math.log(var + 1)
+        expected = 2 * mu / n * (1 - half_log / (var + 1))
+        assert scores.grad[:per_task].tolist() == pytest.approx([expected] * per_task, rel=1e-9)
+        assert scores.grad[:per_task].sum().item() == pytest.approx(2 * mu / 1.5 * (1 - half_log / (var + 1)))
+
+
+def test_a_free_scale_am_ranks_and_ppo_reads_it_in_its_training_unit(data, tmp_path):
+    """am.scale=free: the AM terms read scores in units of the batch's spread, so the model
+    keeps ranking; PPO (reward.normalize auto) divides its scores by their training std."""
+    from stable_rlhf.rewards import ModelReward, RewardConfig
+
+    summary = train(cfg_for(data, tmp_path / "am", "epochs=3", "objective=am", "am.scale=free"))
+    print({t: (round(v["score_mean"], 3), round(v["score_std"], 3)) for t, v in summary["per_task"].items()})
+    assert summary["accuracy"] > 0.7
+    model_dir = tmp_path / "am" / "model"
+    train_std = ScoreModel.from_pretrained(model_dir).extra["score_stats"]["global"]["std"]
+    records = [{"prompt": "say something about river", "task": "alpha"}] * 2
+    responses = ["river good good good", "river bad bad bad"]
+    raw = ScoreSource.load(model_dir)([r["prompt"] for r in records], responses, ["alpha"] * 2)
+    reward = ModelReward(RewardConfig(source="am", path=str(model_dir)), device="cpu")
+    assert reward.scale == pytest.approx(train_std)
+    assert reward(records, responses).tolist() == pytest.approx((raw / train_std).tolist(), rel=1e-5)
+    as_is = ModelReward(RewardConfig(source="am", path=str(model_dir), normalize="none"), device="cpu")
+    assert as_is(records, responses).tolist() == pytest.approx(raw.tolist(), rel=1e-5)
