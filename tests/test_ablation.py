@@ -4,6 +4,7 @@ refused before training, and the report filled from the run directories."""
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -13,6 +14,8 @@ import yaml
 from stable_rlhf.ablation import AblationConfig, Plan, build_plan, run
 from stable_rlhf.config import ConfigError, load_config
 from stable_rlhf.data import DataError
+from stable_rlhf.io import read_jsonl
+from stable_rlhf.ppo import PPOConfig
 
 pytestmark = pytest.mark.usefixtures("small_model_cpu")
 
@@ -26,7 +29,7 @@ seeds: [0, 1]
 run_arms: {json.dumps(ARMS)}
 model: {{name_or_path: tiny-random}}
 prompts_per_task: 6
-eval: {{limit_per_task: 2, every: 2, generation: {{max_new_tokens: 8, batch_size: 16}}}}
+eval: {{limit_per_task: 2, every: 2, generation: {{max_new_tokens: 8, top_p: 1.0, batch_size: 16}}}}
 score:
   train_data: data/testbed/preferences_train.jsonl
   eval_data: data/testbed/preferences_eval.jsonl
@@ -494,3 +497,20 @@ def test_the_report_shows_the_first_warnings_of_a_run_and_counts_the_rest():
     assert warning_line("RM-PPO", "0", ["w1", "w2", "w3", "w4", "w5"]) == \
         "Warnings, RM-PPO seed 0 (5): w1; w2; w3; and 2 more (summary.json)."
     assert warning_line("AM-PPO", "1", ["only"]) == "Warnings, AM-PPO seed 1 (1): only."
+
+
+def test_objective_null_is_the_reference_objective_ppo_starts_from(ablation):
+    """experiments.objective_null scores the SFT arm's answers against the reference answers
+    with an arm's score and shaping; its start is the arm's own step-0 eval/objective."""
+    from experiments.objective_null import null_gain
+    from stable_rlhf.policy_eval import same_sampling
+
+    cfg, out = ablation
+    arm_cfg = load_config(PPOConfig, str(out / "arms" / "rm-ppo-ptx" / "seed0" / "config.yaml"), [])
+    assert same_sampling(arm_cfg.generation, arm_cfg.eval.generation)
+    g = null_gain(out, "rm-ppo-ptx")
+    step0 = next(r for r in read_jsonl(out / "arms" / "rm-ppo-ptx" / "seed0" / "metrics.jsonl") if "eval/objective" in r)
+    assert step0["step"] == 0 and g["start"] == pytest.approx(step0["eval/objective"], abs=1e-5)
+    sft = read_jsonl(out / "arms" / "sft" / "seed0" / "samples" / "eval-step000000.jsonl")
+    ref = read_jsonl(out / "shared" / "eval_reference" / "eval_reference_eval.jsonl")
+    assert math.isfinite(g["gain_se"]) or [r["response"] for r in sft] == [r["response"] for r in ref]
