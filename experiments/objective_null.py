@@ -13,7 +13,6 @@ score, normalised with the reference answers' moments, as ``ppo.EvalObjective`` 
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
@@ -36,12 +35,13 @@ def null_gain(run: Path, arm: str, seed: int = 0) -> dict:
     raw_ref = reward(records, [r["response"] for r in ref])
     raw_sft = reward(records, [r["response"] for r in sft])
     moments = (raw_ref.mean().item(), raw_ref.std().item())
-    start = ppo.shape_scores(cfg, raw_ref, torch.tensor([r["truncated"] for r in ref]), *moments)
-    end = ppo.shape_scores(cfg, raw_sft, torch.tensor([r["truncated"] for r in sft]), *moments)
-    diffs = (end - start).double().tolist()
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5
-    return {"arm": arm, "start": start.mean().item(), "end": end.mean().item(),
-            "gain": statistics.mean(diffs), "gain_se": statistics.mean(diffs) / se}
+    points = []
+    for raw, rows in ((raw_ref, ref), (raw_sft, sft)):
+        shaped = ppo.shape_scores(cfg, raw, torch.tensor([r["truncated"] for r in rows]), *moments).double()
+        points.append({"eval/objective": shaped.mean().item(), "eval/objective_by_prompt": shaped.tolist()})
+    change = ppo.objective_change(points)  # the paired gain the report's diagnostics table gives
+    return {"arm": arm, "start": change["objective_start"], "end": change["objective_end"],
+            "gain": change["objective_gain"], "gain_se": change["objective_gain_se"]}
 
 
 def main(argv: list[str] | None = None) -> None:

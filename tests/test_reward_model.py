@@ -297,7 +297,6 @@ def test_a_free_scale_am_ranks_and_ppo_reads_it_in_its_training_unit(data, tmp_p
     from stable_rlhf.rewards import ModelReward, RewardConfig
 
     summary = train(cfg_for(data, tmp_path / "am", "epochs=3", "objective=am", "am.scale=free"))
-    print({t: (round(v["score_mean"], 3), round(v["score_std"], 3)) for t, v in summary["per_task"].items()})
     assert summary["accuracy"] > 0.7
     model_dir = tmp_path / "am" / "model"
     train_std = ScoreModel.from_pretrained(model_dir).extra["score_stats"]["global"]["std"]
