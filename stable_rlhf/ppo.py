@@ -196,9 +196,9 @@ class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     it only divides, so every advantage keeps its sign. Centring shifts every token by the same
     amount: with most scores' weight at the answers' ends and long (truncated, penalised)
     answers holding most tokens, the shift is positive for the tokens that continue an answer,
-    which lowers P(end) at every step. One seed of the main job's arms, 8 steps: RM-PPO eval
-    truncation 0.467 -> 0.600 centred, -> 0.400 uncentred (objective gain -0.9 / +1.4 SE);
-    AM-PPO -> 0.567 centred, -> 0.533 uncentred (-0.4 / -1.0 SE): not yet a default"""
+    which lowers P(end) at every step. The main job's RM-PPO and AM-PPO arms over policy
+    seeds 0-2 (README): uncentred is better on average (mean objective gain -0.008 against
+    -0.146, -0.102 against -0.479) but the seeds overlap: not yet a default"""
     kl_coef: float = 0.05
     """β, the initial KL penalty coefficient"""
     adaptive_kl: bool = False
