@@ -52,7 +52,7 @@ from .io import atomic_write_json
 from .losses import dpo_loss, ipo_loss, logprobs_from_logits
 from .models import position_ids_from_mask
 from .ppo import LoRAConfig
-from .runs import Run, TrainState, save_policy
+from .runs import Run, TrainState, adamw, save_policy
 from .sft import DemoBatches, FineTuneSettings, encode_demos
 
 REF_CACHE = "ref_logprobs.json"
@@ -332,7 +332,7 @@ def train(cfg: DPOConfig) -> dict:
     run = Run(cfg, "dpo", log_with=cfg.log_with, fresh_files=(REF_CACHE,), fresh_dirs=("model",))
     policy, reference_model, tokenizer = load_models(run, cfg)  # 2.
     batches = DemoBatches(splits["train"], cfg.batch_size, cfg.seed)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     state = TrainState(run, policy, optimizer, cfg, len(splits["train"]), batches=batches)
     checkpoint = run.start(cfg.resume)  # 3.
     # 4. before the checkpoint's weights load: the policy is still the initial one, π_ref

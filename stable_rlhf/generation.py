@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ class Generation:
     """(N, Tr) True for real response tokens, the EOS token included when present"""
     truncated: torch.Tensor
     """(N,) True where no EOS came within max_new_tokens"""
+    logprobs: Optional[torch.Tensor] = None
+    """(N, Tr) float32 log softmax(logits / temperature) of each response token, from the logits
+    the sampler drew it from (zero past the response); only when ``generate(logprobs=True)``"""
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -62,6 +65,7 @@ class Generation:
             response_ids=self.response_ids.to(device),
             response_mask=self.response_mask.to(device),
             truncated=self.truncated.to(device),
+            logprobs=self.logprobs.to(device) if self.logprobs is not None else None,
         )
 
 
@@ -122,6 +126,7 @@ def generate(
     seed: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    logprobs: bool = False,
 ) -> Generation:
     """Sample ``n`` responses to each prompt (chat-formatted with ``cfg.system_prompt``).
 
@@ -131,6 +136,10 @@ def generate(
     The same ``seed`` gives the same responses on the same device. The model
     is in eval mode under no_grad during the call (its mode is restored afterwards). Not
     ``inference_mode``: PPO feeds these tensors into forward passes that need autograd.
+    ``logprobs``: also keep each sampled token's log-probability under softmax(logits / T)
+    (T = 1 when greedy), the policy's own (PPO's old log-probabilities), from the logits
+    the sampler read, so that no second forward pass recomputes them (they agree with one
+    to float rounding: the KV cache changes the order of the sums).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -141,20 +150,23 @@ def generate(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    hf_cfg = _sampling_config(cfg, stop_ids, pad_id)
+    hf_cfg = _sampling_config(cfg, stop_ids, pad_id, logits=logprobs)
     texts = [chat_prompt(tokenizer, p, cfg.system_prompt) for p in prompts]
     prompt_index = [i for i in range(len(prompts)) for _ in range(n)]  # prompt-major
 
     with _plain_eval_mode(model, stop_ids, pad_id), torch.no_grad(), _seeded(seed, device):
-        queries, query_masks, responses = _generate_batches(
-            model, tokenizer, [texts[i] for i in prompt_index], hf_cfg, cfg.batch_size, device, progress
+        temperature = (cfg.temperature or 1.0) if logprobs else None
+        queries, query_masks, responses, token_logprobs = _generate_batches(
+            model, tokenizer, [texts[i] for i in prompt_index], hf_cfg, cfg.batch_size, device, progress, temperature
         )
-    return _assemble(tokenizer, prompts, prompt_index, queries, query_masks, responses, stop_ids, pad_id)
+    return _assemble(tokenizer, prompts, prompt_index, queries, query_masks, responses, stop_ids, pad_id,
+                     token_logprobs if logprobs else None)
 
 
-def _sampling_config(cfg: GenerationConfig, stop_ids: list[int], pad_id: int) -> "HFGenerationConfig":
+def _sampling_config(cfg: GenerationConfig, stop_ids: list[int], pad_id: int,
+                     logits: bool = False) -> "HFGenerationConfig":
     """The transformers GenerationConfig for ``cfg``: greedy at temperature 0, else
-    temperature + top_p with no top-k cut."""
+    temperature + top_p with no top-k cut; ``logits``: return each step's raw logits."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     sample = cfg.temperature > 0
@@ -169,12 +181,15 @@ def _sampling_config(cfg: GenerationConfig, stop_ids: list[int], pad_id: int) ->
         # a pad that is not a stop token must never be sampled: it would read as padding
         suppress_tokens=[pad_id] if pad_id not in stop_ids else None,
         use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=logits,
     )
 
 
 @contextlib.contextmanager
 def _plain_eval_mode(model: "PreTrainedModel", stop_ids: list[int], pad_id: int) -> Iterator[None]:
-    """The model in eval mode with a bare generation_config for the block; both restored after.
+    """The model in eval mode with a bare generation_config and its plain (float32) forward
+    for the block; all restored after.
 
     transformers fills every unset field from model.generation_config (a hub model may
     ship top_k=20 or repetition_penalty=1.05); PPO and the KL penalty assume samples from
@@ -186,11 +201,19 @@ def _plain_eval_mode(model: "PreTrainedModel", stop_ids: list[int], pad_id: int)
     model.generation_config = HFGenerationConfig(
         bos_token_id=model_gen_cfg.bos_token_id, eos_token_id=stop_ids, pad_token_id=pad_id
     )
+    # Under accelerate's bf16 mixed precision the model's forward is wrapped in an autocast
+    # that re-casts every fp32 weight at every decoding step: on 2 CPU cores SmolLM2 decodes
+    # 8 rows at 44 tokens/s that way and 80 in float32. Sampling runs the weights as stored.
+    autocast_forward = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if autocast_forward is not None:
+        model.forward = model._original_forward
     try:
         yield
     finally:
         model.train(was_training)
         model.generation_config = model_gen_cfg
+        if autocast_forward is not None:
+            model.forward = autocast_forward
 
 
 def _generate_batches(
@@ -201,14 +224,18 @@ def _generate_batches(
     batch_size: int,
     device: torch.device,
     progress: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    temperature: float | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Per batch of ``batch_size`` rows, on the CPU: the left-padded query ids (b, Tq_b), their
-    bool mask, and the generated response ids (b, Tr_b); lengths differ between batches."""
+    bool mask, the generated response ids (b, Tr_b) and, given a ``temperature``, their
+    log-probabilities at it (b, Tr_b) (else an empty list); lengths differ between batches."""
     from tqdm.auto import tqdm
+
+    from .losses import logprobs_from_logits
 
     # A template already writes the special tokens (e.g. a BOS); do not add them twice.
     add_special = not getattr(tokenizer, "chat_template", None)
-    queries, query_masks, responses = [], [], []
+    queries, query_masks, responses, token_logprobs = [], [], [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
         enc = tokenizer(
             texts[start : start + batch_size],
@@ -219,12 +246,16 @@ def _generate_batches(
         ).to(device)
         out = model.generate(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=hf_cfg
-        )  # (b, Tq_b + Tr_b)
+        )
         Tq_b = enc["input_ids"].shape[1]
+        response = out.sequences[:, Tq_b:]  # (b, Tr_b)
         queries.append(enc["input_ids"].cpu())
         query_masks.append(enc["attention_mask"].bool().cpu())
-        responses.append(out[:, Tq_b:].cpu())
-    return queries, query_masks, responses
+        responses.append(response.cpu())
+        if temperature is not None:  # the raw logits of each step, before any processor
+            logits = torch.stack(out.logits, 1)  # (b, Tr_b, V)
+            token_logprobs.append(logprobs_from_logits(logits / temperature, response).cpu())
+    return queries, query_masks, responses, token_logprobs
 
 
 def _assemble(
@@ -236,6 +267,7 @@ def _assemble(
     responses: list[torch.Tensor],
     stop_ids: list[int],
     pad_id: int,
+    token_logprobs: list[torch.Tensor] | None = None,
 ) -> Generation:
     """One Generation from the per-batch tensors: responses cut after their first stop token."""
     # Batches end at different lengths: queries are left-padded, responses right-padded
@@ -259,4 +291,6 @@ def _assemble(
         response_ids=response_ids,
         response_mask=response_mask,
         truncated=truncated,
+        logprobs=(torch.cat([_pad_to(lp, Tr, 0.0, left=False) for lp in token_logprobs]) * response_mask
+                  if token_logprobs is not None else None),
     )

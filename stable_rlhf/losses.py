@@ -211,13 +211,22 @@ def masked_rescale(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> to
     return x * torch.rsqrt(masked_var(x, mask) + eps) * mask.to(x.dtype)
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: int = 2**25) -> torch.Tensor:
     """log p(label) per position. (B, T, V), (B, T) -> (B, T), in float32 at least.
 
-    log_softmax in float32 even for bf16 logits: the ratio exp(new - old) of two bf16
-    log-probabilities is off by up to ~1%, enough to trip the PPO clip on its own."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    The label's logit less the row's logsumexp, a few rows at a time (at most
+    ``chunk_elements`` logits per chunk): no (B, T, V) log-softmax is ever materialised,
+    nor a float32 copy of all bf16 logits. In float32 even for bf16 logits: the ratio
+    exp(new - old) of two bf16 log-probabilities is off by up to ~1%, enough to trip the
+    PPO clip on its own."""
+    rows = max(1, chunk_elements // max(1, logits.shape[-1] * (logits.shape[1] if logits.dim() == 3 else 1)))
+    out = []
+    for start in range(0, logits.shape[0], rows):
+        chunk = logits[start : start + rows]
+        chunk = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+        picked = chunk.gather(-1, labels[start : start + rows].unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

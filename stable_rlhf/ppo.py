@@ -73,6 +73,7 @@ from .runs import (
     GuardedRunSettings,
     NonFiniteGuard,
     Run,
+    adamw,
     all_finite,
     clipped_step,
     fault_point,
@@ -216,6 +217,12 @@ class PPOConfig(PolicyTrainerConfig, GuardedRunSettings):
     """clip (normalised) scores to ±score_clip"""
     forward_batch_size: int = 8
     """rows per no-grad forward pass (logprobs, reference, values)"""
+    old_logprobs: Literal["auto", "generation", "forward"] = "auto"
+    """where a rollout's log π_old comes from: 'generation', the sampler's own logits (no second
+    policy pass; equal to a forward pass to float rounding, as the KV cache orders its sums
+    differently), or 'forward', a no-grad forward pass over the finished sequences; 'auto':
+    generation in float32, forward under bf16-mixed (the sampler runs the float32 weights,
+    the update bf16 autocast: their log-probs differ by ~1%, which would start the ratio off 1)"""
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     """LoRA on the policy"""
     value_model: Optional[str] = None
@@ -287,18 +294,33 @@ def response_logprobs(model, query_ids, query_mask, response_ids, response_mask,
     """log π(y_t | x, y_<t) for every response token, (B, Tr), and optionally the entropy.
 
     Logits are divided by the sampling temperature (the distribution the tokens were drawn
-    from); the position before each response token predicts it."""
+    from); the position before each response token predicts it. The LM head runs on those
+    Tr positions only (transformers' ``logits_to_keep``), not on the prompt's: for a
+    135M-parameter model with a 49k vocabulary the head is a fifth of the forward pass."""
     from .models import position_ids_from_mask
 
     input_ids = torch.cat([query_ids, response_ids], 1)  # (B, Tq + Tr)
     attention_mask = torch.cat([query_mask, response_mask], 1)
+    Tr = response_ids.shape[1]
+    keep = {"logits_to_keep": Tr + 1} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask.long(),
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    Tq = query_ids.shape[1]
-    logits = logits[:, Tq - 1 : -1] / temperature  # (B, Tr, V)
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep).logits
+    logits = logits[:, -Tr - 1 : -1] / temperature  # (B, Tr, V)
     logprobs = logprobs_from_logits(logits, response_ids)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    with torch.no_grad():  # logged, never differentiated: no (B, Tr, V) softmax kept for backward
+        entropy = entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any wrappers (DDP, PEFT) takes ``logits_to_keep``."""
+    import inspect
+
+    while hasattr(model, "module"):  # DDP
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def response_values(value_model, query_ids, query_mask, response_ids, response_mask):
@@ -606,7 +628,7 @@ def _optimizer(cfg: PPOConfig, policy, value_model, value_init):
         groups += [{"params": [p for p in value_model.parameters() if p.requires_grad and id(p) not in head_ids],
                     "lr": cfg.value_lr},
                    {"params": list(value_model.head.parameters()), "lr": cfg.value_head_lr or cfg.value_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], eps=1e-5)
+    optimizer = adamw([g for g in groups if g["params"]], eps=1e-5)
     updates_per_step = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     scheduler = (get_constant_schedule(optimizer) if cfg.lr_schedule == "constant"
                  else get_linear_schedule_with_warmup(optimizer, 0, cfg.steps * updates_per_step))
@@ -627,8 +649,18 @@ def sample_rollout(run: Run, cfg: PPOConfig, state: PPOState) -> Rollout:
     times: dict[str, float] = {}
     with timed(times, "time/generate"):
         gen = generate(state.policy_module, state.tokenizer, [r["prompt"] for r in records], cfg.generation,
-                       seed=cfg.seed * 1_000_003 + state.step * run.world + run.rank, device=run.device).to(run.device)
+                       seed=cfg.seed * 1_000_003 + state.step * run.world + run.rank, device=run.device,
+                       logprobs=old_logprobs_from_generation(cfg)).to(run.device)
     return Rollout(records, gen, started, times)
+
+
+def old_logprobs_from_generation(cfg: PPOConfig) -> bool:
+    """``old_logprobs`` resolved: whether the sampler's logits give log π_old."""
+    from .models import mixed_precision
+
+    if cfg.old_logprobs == "auto":
+        return mixed_precision(cfg.precision) == "no"
+    return cfg.old_logprobs == "generation"
 
 
 def score(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, reward) -> bool:
@@ -690,12 +722,14 @@ def forward(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout) -> None
 @torch.no_grad()
 def sequence_passes(cfg: PPOConfig, state: PPOState, gen: Generation, value_model=None):
     """``forward``'s passes over ``gen``: (logprobs, reference logprobs, values or None), each
-    (B, Tr), zero past the response; values only with a ``value_model``."""
+    (B, Tr), zero past the response; values only with a ``value_model``. The policy's
+    logprobs are the generation's own where it kept them (``old_logprobs: generation``)."""
     temperature, mask, policy = cfg.generation.temperature, gen.response_mask, state.policy_module
     logprobs, ref_logprobs, values = [], [], []
     for sl in _chunks(len(gen), cfg.forward_batch_size):
         args = (gen.query_ids[sl], gen.query_mask[sl], gen.response_ids[sl], gen.response_mask[sl])
-        logprobs.append(response_logprobs(policy, *args, temperature)[0])
+        if gen.logprobs is None:
+            logprobs.append(response_logprobs(policy, *args, temperature)[0])
         if state.reference is None:  # LoRA: the reference is the network without its adapters
             with policy.disable_adapter():
                 ref_logprobs.append(response_logprobs(policy, *args, temperature)[0])
@@ -703,7 +737,8 @@ def sequence_passes(cfg: PPOConfig, state: PPOState, gen: Generation, value_mode
             ref_logprobs.append(response_logprobs(state.reference, *args, temperature)[0])
         if value_model is not None:
             values.append(response_values(value_model, *args))
-    return torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask if values else None
+    logprobs = torch.cat(logprobs) if gen.logprobs is None else gen.logprobs
+    return logprobs * mask, torch.cat(ref_logprobs) * mask, torch.cat(values) * mask if values else None
 
 
 def estimate_advantages(cfg: PPOConfig, rollout: Rollout, kl_coef: float) -> None:
@@ -839,8 +874,10 @@ def log_step(run: Run, cfg: PPOConfig, state: PPOState, rollout: Rollout, update
     if skipped:
         run.print(f"step {state.step}: {skipped} minibatch update(s) skipped for a non-finite loss "
                   f"({state.guard.bad_in_row} step(s) in a row)")
+    seconds = time.time() - rollout.started
     stats = {"step": state.step, **mean_stats(update_stats), **rollout.times,
-             "time/step": time.time() - rollout.started,
+             "time/step": seconds, "time/samples_per_s": len(rollout.gen) * run.world / seconds,
+             "time/generated_tokens_per_s": mask.sum().item() / max(rollout.times.get("time/generate", 0.0), 1e-9),
              "objective/score": gather(rollout.raw_scores).mean().item(),
              "objective/score_used": gather(scores).mean().item(),
              "objective/kl": gather(seq_kl).mean().item(),

@@ -36,7 +36,7 @@ from .io import atomic_write_jsonl
 from .models import free_memory
 from .policy_eval import EvalConfig, PolicyTrainerConfig, TrainingEval
 from .rewards import build_reward, check_reward_inputs
-from .runs import Run, clipped_step, fault_point, load_trainable, mean_stats, timed, trainable_state, unwrap
+from .runs import Run, adamw, clipped_step, fault_point, load_trainable, mean_stats, timed, trainable_state, unwrap
 from .sft import DemoBatches, encode_demos, sequence_nll
 
 
@@ -212,7 +212,7 @@ def setup(run: Run, cfg: RejectionSamplingConfig, prompts: list[dict]) -> tuple[
 
     policy, tokenizer = load_policy(cfg.model, device=run.device, trainable=True)
     reward = build_reward(cfg.reward, device=run.device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    optimizer = adamw(policy.parameters(), lr=cfg.lr)
     policy, optimizer = run.accelerator.prepare(policy, optimizer)
     state = RSState(policy, tokenizer, optimizer,
                     DemoBatches(prompts, cfg.prompts_per_iteration * run.world, cfg.seed))

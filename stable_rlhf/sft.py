@@ -26,7 +26,7 @@ import torch
 from .config import ModelConfig
 from .losses import nll_loss
 from .models import chat_prompt, position_ids_from_mask
-from .runs import GuardedRunSettings, Run, TrainState, save_policy
+from .runs import GuardedRunSettings, Run, TrainState, adamw, save_policy
 
 
 def encode_demos(
@@ -187,7 +187,7 @@ def train(cfg: SFTConfig) -> dict:
     run = Run(cfg, "sft", log_with=cfg.log_with, fresh_dirs=("model",))
     model, tokenizer = load_policy(cfg.model, device=run.device, trainable=True)  # 2.
     batches = DemoBatches(demos, cfg.batch_size, cfg.seed)
-    state = TrainState(run, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr), cfg, len(demos), batches=batches)
+    state = TrainState(run, model, adamw(model.parameters(), lr=cfg.lr), cfg, len(demos), batches=batches)
     state.resume(run.start(cfg.resume))  # 3.
 
     run.print(f"{len(demos)} demonstrations, {state.total} steps")

@@ -162,3 +162,43 @@ def test_smollm2_answers_arithmetic(smollm2, capsys):
         )
     assert all(r for r in batch.responses)
     assert (~batch.truncated).any() or batch.response_ids.shape[1] == 32
+
+
+def test_generation_logprobs_equal_a_forward_pass(eos_prone):
+    """generate(logprobs=True) keeps each sampled token's log-probability at the sampling
+    temperature from the sampler's own logits: what PPO's no-grad forward pass computes over
+    the finished sequences (rows ending early, two batches padded to one length), top_p
+    notwithstanding (both are of softmax(logits / T)), and 0 past each response."""
+    from stable_rlhf.ppo import response_logprobs
+
+    model, tok = eos_prone
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.3, top_p=0.9, batch_size=5)
+    gen = generate(model, tok, PROMPTS, cfg, n=3, seed=7, logprobs=True)
+    assert gen.truncated.any() and not gen.truncated.all()
+    with torch.no_grad():
+        forward, _ = response_logprobs(model, gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask, 1.3)
+    torch.testing.assert_close(gen.logprobs, forward * gen.response_mask, atol=1e-5, rtol=0)
+    assert torch.all(gen.logprobs[~gen.response_mask] == 0)
+    plain = generate(model, tok, PROMPTS, cfg, n=3, seed=7)
+    assert plain.logprobs is None and plain.responses == gen.responses
+
+
+def test_response_logprobs_read_the_head_at_response_positions_only(tiny):
+    """The LM head on the response positions alone (logits_to_keep) gives the log-probs of
+    the full logits sliced; a wrapper (PEFT) still takes the argument."""
+    from stable_rlhf.models import position_ids_from_mask
+    from stable_rlhf.ppo import accepts_logits_to_keep, response_logprobs
+
+    model, tok = tiny
+    gen = generate(model, tok, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=1.0, batch_size=2), seed=1)
+    ids, mask = gen.sequences()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask)).logits
+        Tq = gen.query_ids.shape[1]
+        expected = torch.log_softmax(full[:, Tq - 1 : -1] / 0.5, -1).gather(-1, gen.response_ids[..., None])[..., 0]
+        got, _ = response_logprobs(model, gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask, 0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert accepts_logits_to_keep(model)
+    from peft import LoraConfig, get_peft_model
+
+    assert accepts_logits_to_keep(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))

@@ -125,6 +125,20 @@ def test_logprobs_and_entropy_match_categorical(dtype):
     torch.testing.assert_close(entropy_from_logits(logits), dist.entropy())
 
 
+def test_logprobs_in_row_chunks_equal_one_pass_and_keep_gradients():
+    """A chunk of one row at a time (chunk_elements below one row's logits) gives the
+    categorical's log-probabilities and the same gradient as a single log_softmax."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 4, 9, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.randint(0, 9, (3, 4), generator=g)
+    chunked = logprobs_from_logits(logits, labels, chunk_elements=10)
+    plain = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    torch.testing.assert_close(chunked, plain)
+    (grad_chunked,) = torch.autograd.grad(chunked.sum(), logits)
+    (grad_plain,) = torch.autograd.grad(plain.sum(), logits)
+    torch.testing.assert_close(grad_chunked, grad_plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_logits_give_float32(dtype):
     g = torch.Generator().manual_seed(4)
@@ -439,3 +453,27 @@ def test_grpo_advantages_are_a_loops_group_normalisation(scale_by_std):
     # a group whose samples all score the same gives no signal (and no division by zero)
     flat = group_advantages(t([2.0, 2.0, 2.0]), 3)
     assert flat.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_fused_adamw_takes_the_steps_of_the_per_tensor_loop():
+    """runs.adamw fuses the update into one kernel where it can; its parameters after a few
+    steps (two groups, their own lr, weight decay) are those of torch's plain AdamW."""
+    from stable_rlhf.runs import adamw
+
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(7, 5, generator=g), torch.randn(11, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in init] for _ in range(3)]
+    runs = []
+    for make in (lambda groups: adamw(groups, eps=1e-5, weight_decay=0.1),
+                 lambda groups: torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.1, foreach=False)):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make([{"params": [params[0]], "lr": 1e-2}, {"params": [params[1]], "lr": 1e-3}])
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            opt.step()
+        runs.append((opt, params))
+    (fused, a), (_, b) = runs
+    assert fused.defaults["fused"]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)

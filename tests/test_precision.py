@@ -102,3 +102,33 @@ def test_sft_trains_under_bf16_mixed_and_saves_float32(tmp_path):
 
     weights = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+
+
+SAMPLE = """
+import json, torch
+from stable_rlhf.config import GenerationConfig, ModelConfig
+from stable_rlhf.generation import generate
+from stable_rlhf.models import load_policy, make_accelerator
+
+model, tok = load_policy(ModelConfig(name_or_path="tiny-random"), device="cpu", trainable=True)
+model = make_accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+seen = []
+linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+hook = linear.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
+wrapped = model.__dict__["forward"]
+generate(model, tok, ["Name a colour."], GenerationConfig(max_new_tokens=4, temperature=1.0), seed=0)
+sampling = sorted(set(seen))
+seen.clear()
+model(input_ids=torch.tensor([[1, 2, 3]]))
+print(json.dumps({"sampling": sampling, "training": sorted(set(seen)),
+                  "restored": model.__dict__["forward"] is wrapped}))
+"""
+
+
+def test_sampling_runs_the_float32_weights_under_bf16_mixed():
+    """Under bf16-mixed the sampler runs the stored float32 weights (autocast would re-cast
+    them at every decoding step), and the training forward keeps its autocast afterwards."""
+    out = subprocess.run([sys.executable, "-c", SAMPLE], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"sampling": ["torch.float32"], "training": ["torch.bfloat16"], "restored": True}
