@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.side == "both":
-        own = [a for a in argv if not a.startswith("--json")]
+        own = [a for a in argv if not a.startswith("--json=")]
         if "--json" in own:
             i = own.index("--json")
             del own[i : i + 2]
